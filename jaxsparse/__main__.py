@@ -1,0 +1,5 @@
+import sys
+
+from jaxsparse.cli import main
+
+sys.exit(main())
