@@ -1,0 +1,182 @@
+"""The training spine: a loss over the adapter's trainable leaves, and a jitted optax step.
+
+The base ``params`` are a frozen input of every step: they are never differentiated, never put
+in the optimizer, and never donated (the same buffers are reused step after step). The optimizer
+is initialised on :func:`jaxsparse.delta.trainable` of the adapter only (the delta ``values`` and
+any dense ``modules_to_save`` leaves), so its state is O(k) whatever the base model's size.
+
+Contract of the two user functions:
+
+- ``apply_model(params, batch) -> outputs`` (or ``apply_model(params, batch, rng)`` when the step
+  is built with ``takes_rng=True``, e.g. for dropout): the forward pass on *effective* params;
+- ``loss_fn(outputs, batch) -> loss`` or ``-> (loss, metrics_dict)``: a scalar to minimise.
+
+Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from jaxsparse.delta import Adapter, SparseDelta
+    >>> params = {"lin": {"kernel": jnp.zeros((2, 2))}}
+    >>> adapter = Adapter({"lin.kernel": SparseDelta(jnp.array([0, 3], jnp.int32), jnp.zeros(2), (2, 2))})
+    >>> apply_model = lambda p, b: b["x"] @ p["lin"]["kernel"]
+    >>> loss_fn = lambda out, b: jnp.mean((out - b["y"]) ** 2)
+    >>> step = make_train_step(apply_model, loss_fn, optax.sgd(0.5))
+    >>> state = init_train_state(adapter, optax.sgd(0.5), jax.random.PRNGKey(0))
+    >>> batch = {"x": jnp.eye(2), "y": jnp.eye(2)}
+    >>> state, metrics = step(state, params, batch)
+    >>> int(state.step), float(metrics["loss"])
+    (1, 0.5)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array
+
+from jaxsparse import delta as delta_lib
+from jaxsparse.delta import Adapter
+
+PyTree = Any
+ApplyModel = Callable[..., Any]
+LossFn = Callable[[Any, Any], Any]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Everything that changes during training, as one pytree (checkpointed as a whole).
+
+    ``adapter`` carries the trained leaves (``trainable`` is its O(k) float tree) and its fixed
+    indices; ``opt_state`` is the optax state of ``trainable``; ``rng`` is a raw ``uint32[2]``
+    PRNG key (``jax.random.PRNGKey``), split once per step; ``step`` counts completed steps.
+    """
+
+    step: Array
+    adapter: Adapter
+    opt_state: PyTree
+    rng: Array
+
+    @property
+    def trainable(self) -> dict[str, Any]:
+        return delta_lib.trainable(self.adapter)
+
+
+def _raw_key(rng: Any) -> Array:
+    if jnp.issubdtype(getattr(rng, "dtype", None), jax.dtypes.prng_key):
+        return jax.random.key_data(rng)
+    rng = jnp.asarray(rng)
+    if rng.dtype != jnp.uint32:
+        raise TypeError(
+            f"rng must be a PRNG key (jax.random.PRNGKey or jax.random.key), got dtype {rng.dtype}"
+        )
+    return rng
+
+
+def init_train_state(
+    adapter: Adapter, optimizer: optax.GradientTransformation, rng: Array | int = 0
+) -> TrainState:
+    """A fresh :class:`TrainState`: step 0, the optimizer initialised on the trainable leaves only.
+
+    ``rng`` is a PRNG key or an int seed.
+    """
+    if isinstance(rng, int):
+        rng = jax.random.PRNGKey(rng)
+    # A private copy: the jitted step donates the state, which must not delete the caller's arrays.
+    adapter = jax.tree_util.tree_map(jnp.array, adapter)
+    opt_state = optimizer.init(delta_lib.trainable(adapter))
+    return TrainState(step=jnp.zeros((), jnp.int32), adapter=adapter, opt_state=opt_state, rng=_raw_key(rng))
+
+
+def _split_loss(result: Any) -> tuple[Array, dict[str, Array]]:
+    if isinstance(result, tuple):
+        if len(result) != 2 or not isinstance(result[1], Mapping):
+            raise TypeError("loss_fn must return a scalar loss or a (loss, metrics_dict) pair")
+        return result[0], dict(result[1])
+    return result, {}
+
+
+def make_loss(
+    apply_model: ApplyModel, loss_fn: LossFn, *, takes_rng: bool = False
+) -> Callable[..., tuple[Array, dict[str, Array]]]:
+    """``adapter_loss(trainable, adapter, params, batch, rng) -> (loss, metrics)``.
+
+    Differentiate it in its first argument only (``jax.value_and_grad(..., has_aux=True)``): the
+    gradient is a tree shaped like ``delta.trainable(adapter)``; ``params`` stay constants.
+    """
+
+    def adapter_loss(trainable, adapter, params, batch, rng):
+        params = jax.lax.stop_gradient(params)
+        effective = delta_lib.apply(params, delta_lib.with_trainable(adapter, trainable))
+        outputs = apply_model(effective, batch, rng) if takes_rng else apply_model(effective, batch)
+        loss, metrics = _split_loss(loss_fn(outputs, batch))
+        loss = jnp.asarray(loss)
+        if loss.shape != ():
+            raise ValueError(f"loss_fn must return a scalar, got shape {loss.shape}")
+        return loss, metrics
+
+    return adapter_loss
+
+
+def value_and_grad(
+    apply_model: ApplyModel, loss_fn: LossFn, *, takes_rng: bool = False
+) -> Callable[..., tuple[tuple[Array, dict[str, Array]], dict[str, Any]]]:
+    """``f(adapter, params, batch, rng=None) -> ((loss, metrics), grads)``, grads w.r.t. ``trainable(adapter)``."""
+    adapter_loss = make_loss(apply_model, loss_fn, takes_rng=takes_rng)
+    grad_fn = jax.value_and_grad(adapter_loss, has_aux=True)
+
+    def f(adapter: Adapter, params: PyTree, batch: Any, rng: Array | None = None):
+        return grad_fn(delta_lib.trainable(adapter), adapter, params, batch, rng)
+
+    return f
+
+
+def make_train_step(
+    apply_model: ApplyModel,
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    takes_rng: bool = False,
+    jit: bool = True,
+) -> Callable[[TrainState, PyTree, Any], tuple[TrainState, dict[str, Array]]]:
+    """A step ``(state, params, batch) -> (state, metrics)`` for any optax optimizer.
+
+    Jitted with the incoming ``state`` donated (its buffers are reused for the new state) and
+    ``params`` not donated. ``metrics`` holds ``loss``, ``grad_norm`` (global L2 norm of the
+    gradient over the trainable leaves) and whatever ``loss_fn`` returned beside the loss.
+    """
+    adapter_loss = make_loss(apply_model, loss_fn, takes_rng=takes_rng)
+    grad_fn = jax.value_and_grad(adapter_loss, has_aux=True)
+
+    def step(state: TrainState, params: PyTree, batch: Any) -> tuple[TrainState, dict[str, Array]]:
+        rng, step_rng = jax.random.split(state.rng)
+        trainable = delta_lib.trainable(state.adapter)
+        (loss, metrics), grads = grad_fn(trainable, state.adapter, params, batch, step_rng)
+        updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        new_state = TrainState(
+            step=state.step + 1,
+            adapter=delta_lib.with_trainable(state.adapter, trainable),
+            opt_state=opt_state,
+            rng=rng,
+        )
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=(0,)) if jit else step
+
+
+def make_eval_step(
+    apply_model: ApplyModel, loss_fn: LossFn, *, jit: bool = True
+) -> Callable[[Adapter, PyTree, Any], dict[str, Array]]:
+    """``(adapter, params, batch) -> metrics`` (``loss`` plus ``loss_fn``'s extras), no gradient."""
+
+    def evaluate(adapter: Adapter, params: PyTree, batch: Any) -> dict[str, Array]:
+        outputs = apply_model(delta_lib.apply(params, adapter), batch)
+        loss, metrics = _split_loss(loss_fn(outputs, batch))
+        return {"loss": jnp.asarray(loss), **metrics}
+
+    return jax.jit(evaluate) if jit else evaluate
