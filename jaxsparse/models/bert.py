@@ -1,0 +1,197 @@
+"""BERT (``model_type="bert"``; covers MiniLM): ``BertModel`` and ``BertForSequenceClassification``.
+
+Parameter paths are the transformers module paths: ``embeddings.word_embeddings.embedding``,
+``encoder.layer.0.attention.self.query.kernel``, ``pooler.dense.kernel`` for ``"base"``; the same under
+``bert.`` plus ``classifier.kernel`` for ``"seq_cls"``. Inference only (no dropout).
+
+Example:
+    >>> import jax.numpy as jnp, transformers
+    >>> from jaxsparse.models import init_params
+    >>> cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+    ...                               num_attention_heads=2, intermediate_size=32, num_labels=3)
+    >>> m = init_params(cfg, task="seq_cls")
+    >>> m(jnp.array([[1, 2, 3]]), jnp.array([[1, 1, 1]]), token_type_ids=jnp.zeros((1, 3), int)).shape
+    (1, 3)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxsparse.models import layers
+from jaxsparse.models.base import Architecture, default_init, nnx_build, register
+from jaxsparse.tree import leaf_paths, replace_leaves
+
+
+def _check_config(config: Any) -> None:
+    kind = getattr(config, "position_embedding_type", "absolute")
+    if kind not in (None, "absolute"):
+        raise ValueError(f"BERT position_embedding_type {kind!r} is not supported (only 'absolute')")
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise ValueError("BERT as a decoder / with cross-attention is not supported")
+
+
+class BertEmbeddings(nnx.Module):
+    def __init__(self, config: Any, dtype: Any, rngs: nnx.Rngs):
+        std, h = config.initializer_range, config.hidden_size
+        self.word_embeddings = layers.embed(config.vocab_size, h, std=std, dtype=dtype, rngs=rngs)
+        self.position_embeddings = layers.embed(
+            config.max_position_embeddings, h, std=std, dtype=dtype, rngs=rngs
+        )
+        self.token_type_embeddings = layers.embed(config.type_vocab_size, h, std=std, dtype=dtype, rngs=rngs)
+        self.LayerNorm = layers.layer_norm(h, eps=config.layer_norm_eps, dtype=dtype, rngs=rngs)
+
+    def __call__(self, input_ids, token_type_ids=None, position_ids=None):
+        if position_ids is None:
+            position_ids = jnp.arange(input_ids.shape[1])[None, :]
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        x = (
+            self.word_embeddings(input_ids)
+            + self.token_type_embeddings(token_type_ids)
+            + self.position_embeddings(position_ids)
+        )
+        return self.LayerNorm(x)
+
+
+class BertSelfAttention(nnx.Module):
+    def __init__(self, config: Any, dtype: Any, rngs: nnx.Rngs):
+        h, std = config.hidden_size, config.initializer_range
+        if h % config.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {h} is not a multiple of num_attention_heads {config.num_attention_heads}"
+            )
+        self.num_heads = config.num_attention_heads
+        self.query = layers.linear(h, h, std=std, dtype=dtype, rngs=rngs)
+        self.key = layers.linear(h, h, std=std, dtype=dtype, rngs=rngs)
+        self.value = layers.linear(h, h, std=std, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, mask):
+        q, k, v = (layers.split_heads(f(x), self.num_heads) for f in (self.query, self.key, self.value))
+        return layers.merge_heads(layers.dot_product_attention(q, k, v, mask=mask))
+
+
+class BertSelfOutput(nnx.Module):
+    """Projection, then ``LayerNorm(projection + residual)`` (also ``BertOutput``'s shape)."""
+
+    def __init__(self, in_features: int, config: Any, dtype: Any, rngs: nnx.Rngs):
+        h = config.hidden_size
+        self.dense = layers.linear(in_features, h, std=config.initializer_range, dtype=dtype, rngs=rngs)
+        self.LayerNorm = layers.layer_norm(h, eps=config.layer_norm_eps, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, residual):
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class BertAttention(nnx.Module):
+    def __init__(self, config: Any, dtype: Any, rngs: nnx.Rngs):
+        self.self = BertSelfAttention(config, dtype, rngs)
+        self.output = BertSelfOutput(config.hidden_size, config, dtype, rngs)
+
+    def __call__(self, x, mask):
+        return self.output(self.self(x, mask), x)
+
+
+class BertIntermediate(nnx.Module):
+    def __init__(self, config: Any, dtype: Any, rngs: nnx.Rngs):
+        self.dense = layers.linear(
+            config.hidden_size, config.intermediate_size, std=config.initializer_range, dtype=dtype, rngs=rngs
+        )
+        self.act = layers.activation(config.hidden_act)
+
+    def __call__(self, x):
+        return self.act(self.dense(x))
+
+
+class BertLayer(nnx.Module):
+    def __init__(self, config: Any, dtype: Any, rngs: nnx.Rngs):
+        self.attention = BertAttention(config, dtype, rngs)
+        self.intermediate = BertIntermediate(config, dtype, rngs)
+        self.output = BertSelfOutput(config.intermediate_size, config, dtype, rngs)
+
+    def __call__(self, x, mask):
+        x = self.attention(x, mask)
+        return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nnx.Module):
+    def __init__(self, config: Any, dtype: Any, rngs: nnx.Rngs):
+        self.layer = nnx.List([BertLayer(config, dtype, rngs) for _ in range(config.num_hidden_layers)])
+
+    def __call__(self, x, mask):
+        for layer in self.layer:
+            x = layer(x, mask)
+        return x
+
+
+class BertPooler(nnx.Module):
+    def __init__(self, config: Any, dtype: Any, rngs: nnx.Rngs):
+        h = config.hidden_size
+        self.dense = layers.linear(h, h, std=config.initializer_range, dtype=dtype, rngs=rngs)
+
+    def __call__(self, hidden):
+        return jnp.tanh(self.dense(hidden[:, 0]))
+
+
+class BertModel(nnx.Module):
+    """``transformers.BertModel`` (with its pooler); ``__call__`` returns the last hidden state."""
+
+    def __init__(self, config: Any, dtype: Any = jnp.float32, *, rngs: nnx.Rngs):
+        _check_config(config)
+        self.embeddings = BertEmbeddings(config, dtype, rngs)
+        self.encoder = BertEncoder(config, dtype, rngs)
+        self.pooler = BertPooler(config, dtype, rngs)
+
+    def __call__(self, input_ids, attention_mask=None, *, token_type_ids=None, position_ids=None):
+        x = self.embeddings(input_ids, token_type_ids, position_ids)
+        return self.encoder(x, layers.padding_mask(attention_mask))
+
+
+class BertForSequenceClassification(nnx.Module):
+    """``transformers.BertForSequenceClassification``: pooler output -> ``classifier``."""
+
+    def __init__(self, config: Any, dtype: Any = jnp.float32, *, rngs: nnx.Rngs):
+        self.bert = BertModel(config, dtype, rngs=rngs)
+        self.classifier = layers.linear(
+            config.hidden_size, config.num_labels, std=config.initializer_range, dtype=dtype, rngs=rngs
+        )
+
+    def __call__(self, input_ids, attention_mask=None, *, token_type_ids=None, position_ids=None):
+        hidden = self.bert(
+            input_ids, attention_mask, token_type_ids=token_type_ids, position_ids=position_ids
+        )
+        return self.classifier(self.bert.pooler(hidden))
+
+
+def _factory(config: Any, task: str, dtype: Any, rngs: nnx.Rngs) -> nnx.Module:
+    cls = BertForSequenceClassification if task == "seq_cls" else BertModel
+    return cls(config, dtype, rngs=rngs)
+
+
+def init_zero_padding_row(config: Any, abstract_params: Any, seed: int = 0) -> Any:
+    """:func:`default_init`, then the ``pad_token_id`` row of ``word_embeddings`` zeroed, like
+    ``nn.Embedding(padding_idx=...)`` in transformers."""
+    params = default_init(config, abstract_params, seed)
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        return params
+    rows = {
+        p: x.at[pad].set(0)
+        for p, x in leaf_paths(params).items()
+        if p.endswith("word_embeddings.embedding") and 0 <= pad < x.shape[0]
+    }
+    return replace_leaves(params, rows)
+
+
+ARCHITECTURE = register(
+    Architecture(
+        model_type="bert",
+        tasks=("base", "seq_cls"),
+        build=nnx_build(_factory),
+        base_model_prefix="bert",
+        init=init_zero_padding_row,
+    )
+)

