@@ -10,7 +10,8 @@ Example:
     (1, 3, 16)
 """
 
-from jaxsparse.models import bert, distilbert, gpt2  # noqa: F401  (register the architectures)
+import importlib as _importlib
+
 from jaxsparse.models.base import (
     ARCHITECTURES,
     TASKS,
@@ -34,6 +35,16 @@ from jaxsparse.models.hub import (
     to_state_dict,
     write_safetensors,
 )
+
+# Modules that register an Architecture on import. The Llama-family files may not exist yet in a
+# checkout; a module that is absent is skipped, any other import error propagates.
+ARCHITECTURE_MODULES = ("bert", "distilbert", "gpt2", "llama", "mistral", "qwen2", "gemma", "phi3")
+for _name in ARCHITECTURE_MODULES:
+    try:
+        _importlib.import_module(f"jaxsparse.models.{_name}")
+    except ModuleNotFoundError as _e:
+        if _e.name != f"jaxsparse.models.{_name}":
+            raise
 
 __all__ = [
     "ARCHITECTURES",
