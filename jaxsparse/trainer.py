@@ -50,7 +50,9 @@ from jaxsparse import config as config_lib
 from jaxsparse import data as data_lib
 from jaxsparse import delta as delta_lib
 from jaxsparse import metrics as metrics_lib
+from jaxsparse import train as train_lib
 from jaxsparse import tree as tree_lib
+from jaxsparse.checkpoint import Checkpointer
 from jaxsparse.config import Config, ConfigError
 
 PyTree = Any
@@ -270,61 +272,51 @@ def causal_lm_nll(
     return (nll * mask).sum(), mask.sum()
 
 
-def _forward(model: Any, params: PyTree, batch: dict[str, jax.Array]) -> jax.Array:
-    return model.apply_fn(params, batch["input_ids"], batch["attention_mask"])
+def model_fn(model: Any) -> Callable[[PyTree, dict[str, jax.Array]], jax.Array]:
+    """``apply_model(params, batch) -> logits`` for :mod:`jaxsparse.train`."""
+
+    def apply_model(params: PyTree, batch: dict[str, jax.Array]) -> jax.Array:
+        return model.apply_fn(params, batch["input_ids"], batch["attention_mask"])
+
+    return apply_model
 
 
-def batch_loss(model: Any, task: str, params: PyTree, batch: dict[str, jax.Array]) -> jax.Array:
-    logits = _forward(model, params, batch)
-    if task == "seq_cls":
-        return classification_loss(logits, batch["labels"])
-    total, count = causal_lm_nll(logits, batch["input_ids"], batch["attention_mask"])
-    return total / jnp.maximum(count, 1.0)
+def train_loss_fn(task: str) -> Callable[[jax.Array, dict[str, jax.Array]], jax.Array]:
+    """Mean cross-entropy (``seq_cls``) or mean next-token NLL (``causal_lm``) of a batch."""
+
+    def loss_fn(logits: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+        if task == "seq_cls":
+            return classification_loss(logits, batch["labels"])
+        total, count = causal_lm_nll(logits, batch["input_ids"], batch["attention_mask"])
+        return total / jnp.maximum(count, 1.0)
+
+    return loss_fn
 
 
-def make_train_step(
-    model: Any, task: str, adapter: delta_lib.Adapter, optimizer: optax.GradientTransformation
-):
-    """``step(trainable, opt_state, base_params, batch) -> (trainable, opt_state, loss)``, jitted.
+def eval_loss_fn(task: str) -> Callable[[jax.Array, dict[str, jax.Array]], tuple[jax.Array, dict[str, Any]]]:
+    """Per-batch *sums* over real (``weight`` 1) examples, plus predictions or token counts."""
 
-    Gradients are taken with respect to the adapter's trainable leaves only; ``adapter`` supplies
-    the fixed structure (indices, shapes) and is closed over.
-    """
-
-    def loss_of(trainable: PyTree, base_params: PyTree, batch: dict[str, jax.Array]) -> jax.Array:
-        effective = delta_lib.apply(base_params, delta_lib.with_trainable(adapter, trainable))
-        return batch_loss(model, task, effective, batch)
-
-    @jax.jit
-    def step(trainable, opt_state, base_params, batch):
-        loss, grads = jax.value_and_grad(loss_of)(trainable, base_params, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
-    return step
-
-
-def make_eval_step(model: Any, task: str, adapter: delta_lib.Adapter):
-    """``eval_step(trainable, base_params, batch)`` -> per-batch sums, jitted."""
-
-    @jax.jit
-    def step(trainable, base_params, batch):
-        effective = delta_lib.apply(base_params, delta_lib.with_trainable(adapter, trainable))
-        logits = _forward(model, effective, batch)
+    def loss_fn(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, Any]]:
         if task == "seq_cls":
             losses = optax.softmax_cross_entropy_with_integer_labels(
                 logits.astype(jnp.float32), batch["labels"]
             )
-            return (losses * batch["weight"]).sum(), jnp.argmax(logits, axis=-1)
+            return (losses * batch["weight"]).sum(), {"predictions": jnp.argmax(logits, axis=-1)}
         mask = batch["attention_mask"] * batch["weight"][:, None].astype(batch["attention_mask"].dtype)
-        return causal_lm_nll(logits, batch["input_ids"], mask)
+        total, count = causal_lm_nll(logits, batch["input_ids"], mask)
+        return total, {"tokens": count}
 
-    return step
+    return loss_fn
+
+
+def make_eval_step(model: Any, task: str) -> Callable[[delta_lib.Adapter, PyTree, Any], dict[str, jax.Array]]:
+    """``eval_step(adapter, base_params, batch) -> {"loss": sum, "predictions" | "tokens"}``, jitted."""
+    return train_lib.make_eval_step(model_fn(model), eval_loss_fn(task))
 
 
 def evaluate(
     eval_step: Callable,
-    trainable: PyTree,
+    adapter: delta_lib.Adapter,
     base_params: PyTree,
     arrays: dict[str, np.ndarray],
     task: str,
@@ -337,9 +329,9 @@ def evaluate(
     if task == "seq_cls":
         total, preds = 0.0, []
         for batch in data_lib.eval_batches(arrays, batch_size):
-            loss_sum, pred = eval_step(trainable, base_params, batch)
-            total += float(loss_sum)
-            preds.append(np.asarray(pred)[batch["weight"] > 0])
+            out = eval_step(adapter, base_params, batch)
+            total += float(out["loss"])
+            preds.append(np.asarray(out["predictions"])[batch["weight"] > 0])
         predictions = np.concatenate(preds)
         labels = arrays["labels"]
         return {
@@ -349,45 +341,9 @@ def evaluate(
         }
     nll, tokens = 0.0, 0.0
     for batch in data_lib.eval_batches(arrays, batch_size):
-        s, c = eval_step(trainable, base_params, batch)
-        nll, tokens = nll + float(s), tokens + float(c)
+        out = eval_step(adapter, base_params, batch)
+        nll, tokens = nll + float(out["loss"]), tokens + float(out["tokens"])
     return {"loss": nll / tokens, "perplexity": metrics_lib.perplexity(nll, int(tokens))}
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _checkpoint_manager(directory: Path, keep: int):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
-    return ocp.CheckpointManager(directory.absolute(), options=options)
-
-
-def _state(trainable: PyTree, opt_state: PyTree) -> dict[str, Any]:
-    # Flattened to a list: adapter keys are dotted parameter paths, which orbax would split.
-    return {"leaves": jax.tree_util.tree_leaves((trainable, opt_state))}
-
-
-def save_checkpoint(manager: Any, step: int, trainable: PyTree, opt_state: PyTree) -> None:
-    import orbax.checkpoint as ocp
-
-    if manager.latest_step() == step:
-        return
-    manager.save(step, args=ocp.args.StandardSave(_state(trainable, opt_state)))
-    manager.wait_until_finished()
-
-
-def restore_checkpoint(manager: Any, trainable: PyTree, opt_state: PyTree) -> tuple[int, PyTree, PyTree]:
-    """The latest checkpoint, restored into the structure of ``(trainable, opt_state)``."""
-    import orbax.checkpoint as ocp
-
-    step = manager.latest_step()
-    template = _state(trainable, opt_state)
-    restored = manager.restore(step, args=ocp.args.StandardRestore(template))
-    treedef = jax.tree_util.tree_structure((trainable, opt_state))
-    trainable, opt_state = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in restored["leaves"]])
-    return int(step), trainable, opt_state
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -535,27 +491,27 @@ def train(
     base_params = model.params
     task, t = cfg.task, cfg.train
     num_labels = len(prepared.label_names)
-    trainable = delta_lib.trainable(adapter)
     optimizer = make_optimizer(t)
-    opt_state = optimizer.init(trainable)
+    state = train_lib.init_train_state(adapter, optimizer, cfg.seed)
     n_trainable = adapter.num_trainable()
     log(
         f"{cfg.method}: {n_trainable:,} trainable parameters; {data_lib.num_examples(prepared.train)} train / "
         f"{data_lib.num_examples(prepared.eval)} eval examples of {cfg.data.max_length} tokens"
     )
 
-    manager = _checkpoint_manager(ckpt_dir, t.keep_checkpoints)
+    ckpt = Checkpointer(ckpt_dir, save_every=t.checkpoint_every, keep=t.keep_checkpoints)
     start_step = 0
-    if resume and manager.latest_step() is not None:
-        start_step, trainable, opt_state = restore_checkpoint(manager, trainable, opt_state)
+    if resume and ckpt.latest_step() is not None:
+        restored = ckpt.restore(state)
+        state, start_step = restored.state, restored.step
         log(f"resumed from step {start_step} ({ckpt_dir})")
     elif resume:
         log(f"--resume: no checkpoint in {ckpt_dir}; starting from step 0")
     config_lib.save_config(cfg, config_path)
     metrics_log = MetricsLog(out / "metrics.jsonl", start_step if resume else None)
 
-    train_step = make_train_step(model, task, adapter, optimizer)
-    eval_step = make_eval_step(model, task, adapter)
+    train_step = train_lib.make_train_step(model_fn(model), train_loss_fn(task), optimizer)
+    eval_step = make_eval_step(model, task)
     do_eval = functools.partial(
         evaluate,
         eval_step,
@@ -568,7 +524,7 @@ def train(
     results_path = out / "results.json"
     initial = None
     if start_step == 0:
-        initial = do_eval(trainable)
+        initial = do_eval(state.adapter)
         metrics_log.write({"split": "eval", "step": 0, **initial})
         log(f"before training: {_fmt(initial)}")
     else:
@@ -580,10 +536,10 @@ def train(
     bar = _progress(t, start_step)
     running: list[float] = []
     step = start_step
-    with _StopSignals() as stop:
+    with ckpt, _StopSignals() as stop:
         for step in range(start_step + 1, t.steps + 1):
-            trainable, opt_state, loss = train_step(trainable, opt_state, base_params, next(batches))
-            running.append(float(loss))
+            state, step_metrics = train_step(state, base_params, next(batches))
+            running.append(float(step_metrics["loss"]))
             if on_step is not None:
                 on_step(step, running[-1])
             if not math.isfinite(running[-1]):
@@ -597,23 +553,22 @@ def train(
                 metrics_log.write({"split": "train", "step": step, "loss": float(np.mean(running))})
                 running = []
             if step % t.eval_every == 0 and step != t.steps:
-                ev = do_eval(trainable)
+                ev = do_eval(state.adapter)
                 metrics_log.write({"split": "eval", "step": step, **ev})
                 if bar is not None:
                     bar.write(f"step {step}: {_fmt(ev)}")
-            if step % t.checkpoint_every == 0 or step == t.steps:
-                save_checkpoint(manager, step, trainable, opt_state)
+            ckpt.save(state, batch_index=step, force=step == t.steps)
             if stop.received is not None:
-                save_checkpoint(manager, step, trainable, opt_state)
+                ckpt.save(state, batch_index=step, force=True)
                 if bar is not None:
                     bar.close()
                 raise TrainingInterrupted(step, str(ckpt_dir))
     if bar is not None:
         bar.close()
 
-    final = do_eval(trainable)
+    trained = state.adapter
+    final = do_eval(trained)
     metrics_log.write({"split": "eval", "step": t.steps, **final})
-    trained = delta_lib.with_trainable(adapter, trainable)
     from jaxsparse.plot import plot_metrics
 
     plot_path = plot_metrics(

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from jaxsparse import config as config_lib
-from jaxsparse import delta as delta_lib
 from jaxsparse import trainer
 from jaxsparse.models.base import Model
 
@@ -167,10 +166,8 @@ def test_full_finetune_learns_and_writes_outputs(tmp_path, no_adapter_save):
 def test_eval_matches_numpy_oracle(tmp_path):
     cfg = tiny_config(tmp_path)
     prepared = trainer.prepare(cfg, model=tiny_classifier())
-    step = trainer.make_eval_step(prepared.model, "seq_cls", prepared.adapter)
-    got = trainer.evaluate(
-        step, delta_lib.trainable(prepared.adapter), prepared.model.params, prepared.eval, "seq_cls", 5, 2
-    )
+    step = trainer.make_eval_step(prepared.model, "seq_cls")
+    got = trainer.evaluate(step, prepared.adapter, prepared.model.params, prepared.eval, "seq_cls", 5, 2)
     logits = np.asarray(
         prepared.model(prepared.eval["input_ids"], prepared.eval["attention_mask"]), np.float64
     )
