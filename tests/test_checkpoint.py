@@ -1,0 +1,144 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxsparse import tree as tree_lib
+from jaxsparse.checkpoint import Checkpointer, CheckpointError
+from jaxsparse.delta import Adapter, SparseDelta
+from jaxsparse.train import init_train_state, make_train_step
+
+
+# The same tiny MLP as tests/test_train.py (duplicated: test modules are not a package).
+def tiny_mlp(seed=0, d_in=8, hidden=32, d_out=3):
+    rng = np.random.default_rng(seed)
+    return {
+        "l1": {
+            "kernel": jnp.asarray(rng.normal(size=(d_in, hidden)) / 3, jnp.float32),
+            "bias": jnp.zeros(hidden),
+        },
+        "l2": {
+            "kernel": jnp.asarray(rng.normal(size=(hidden, hidden)) / 6, jnp.float32),
+            "bias": jnp.zeros(hidden),
+        },
+        "head": {
+            "kernel": jnp.asarray(rng.normal(size=(hidden, d_out)) / 6, jnp.float32),
+            "bias": jnp.zeros(d_out),
+        },
+    }
+
+
+def apply_mlp(params, batch):
+    h = jnp.tanh(batch["x"] @ params["l1"]["kernel"] + params["l1"]["bias"])
+    h = jnp.tanh(h @ params["l2"]["kernel"] + params["l2"]["bias"])
+    return h @ params["head"]["kernel"] + params["head"]["bias"]
+
+
+def sparse_adapter(params, k=20, seed=1, dense_head=True):
+    rng = np.random.default_rng(seed)
+    deltas = {}
+    for path in ("l1.kernel", "l2.kernel"):
+        shape = tree_lib.get_leaf(params, path).shape
+        idx = np.sort(rng.choice(int(np.prod(shape)), size=k, replace=False)).astype(np.int32)
+        deltas[path] = SparseDelta(jnp.asarray(idx), jnp.zeros(k, jnp.float32), shape)
+    dense = {}
+    if dense_head:
+        dense = {"head.kernel": params["head"]["kernel"] + 0.0, "head.bias": params["head"]["bias"] + 0.0}
+    return Adapter(deltas, dense)
+
+
+def data(n=64, d_in=8, seed=2):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d_in)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.int32) + (x[:, 2] > 1).astype(np.int32)
+    return {"x": jnp.asarray(x), "y": jnp.asarray(y)}
+
+
+def dropout_mlp(params, batch, rng):
+    keep = jax.random.bernoulli(rng, 0.8, batch["x"].shape)
+    return apply_mlp(params, {"x": jnp.where(keep, batch["x"] / 0.8, 0.0)})
+
+
+def xent(logits, batch):
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(logp, batch["y"][:, None], axis=1))
+
+
+def batch_at(step):
+    return data(16, seed=100 + step)  # the data position is a pure function of the step
+
+
+def leaves(state):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(state)]
+
+
+def test_resume_is_bit_identical(tmp_path):
+    params = tiny_mlp()
+    opt = optax.adamw(1e-2)
+    step = make_train_step(dropout_mlp, xent, opt, takes_rng=True)
+
+    def fresh():
+        return init_train_state(sparse_adapter(params), opt, 7)
+
+    state = fresh()
+    for s in range(6):
+        state = step(state, params, batch_at(s))[0]
+    uninterrupted = leaves(state)
+
+    with Checkpointer(tmp_path / "ckpt", save_every=3, keep=2) as ckpt:
+        state = fresh()
+        for s in range(3):
+            state, metrics = step(state, params, batch_at(s))
+            ckpt.save(state, epoch=0, batch_index=s + 1, extra={"loss": metrics["loss"]})
+        assert ckpt.all_steps() == [3]
+    del state
+
+    with Checkpointer(tmp_path / "ckpt", save_every=3, keep=2) as ckpt:
+        r = ckpt.restore_or(fresh())
+        assert (r.step, r.epoch, r.batch_index) == (3, 0, 3)
+        assert isinstance(r.extra["loss"], float)
+        state = r.state
+        for s in range(r.batch_index, 6):
+            state = step(state, params, batch_at(s))[0]
+            ckpt.save(state, batch_index=s + 1)
+        assert ckpt.all_steps() == [3, 6]
+    resumed = leaves(state)
+    assert len(resumed) == len(uninterrupted)
+    for a, b in zip(resumed, uninterrupted, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_keep_last_k_and_fresh_start(tmp_path):
+    params = tiny_mlp()
+    opt = optax.sgd(0.1)
+    state = init_train_state(sparse_adapter(params, dense_head=False), opt, 0)
+    step = make_train_step(apply_mlp, xent, opt)
+    with Checkpointer(tmp_path / "c", save_every=1, keep=2) as ckpt:
+        r = ckpt.restore_or(state)
+        assert r.step == 0 and r.state is state
+        with pytest.raises(CheckpointError, match="no checkpoint"):
+            ckpt.restore(state)
+        for s in range(4):
+            state = step(state, params, batch_at(s))[0]
+            ckpt.save(state)
+        assert ckpt.all_steps() == [3, 4]
+        assert ckpt.latest_step() == 4
+        with pytest.raises(CheckpointError, match="step 1"):
+            ckpt.restore(state, step=1)
+
+
+# orbax leaves a tensorstore future unawaited when a restore fails on a shape mismatch
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_bad_inputs(tmp_path):
+    params = tiny_mlp()
+    state = init_train_state(sparse_adapter(params, dense_head=False), optax.adam(1e-3), 0)
+    with Checkpointer(tmp_path / "c", save_every=1) as ckpt:
+        with pytest.raises(TypeError, match="JSON"):
+            ckpt.save(state, extra={"f": object()})
+        ckpt.save(state, force=True)
+        other = init_train_state(sparse_adapter(params, k=5, dense_head=False), optax.adam(1e-3), 0)
+        with pytest.raises(CheckpointError, match="does not match"):
+            ckpt.restore(other)
+    with pytest.raises(ValueError, match="save_every"):
+        Checkpointer(tmp_path / "d", save_every=0)
