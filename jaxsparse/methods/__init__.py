@@ -60,21 +60,18 @@ def resolve_targets(
     and the parameter paths of every leaf under ``modules_to_save`` (trained densely).
 
     ``target_modules=None`` selects every module with a 2-D ``kernel`` outside :data:`HEAD_MODULES`
-    and ``modules_to_save``; otherwise PEFT matching (names by suffix, or a full-match regex), and
-    an explicit target inside ``modules_to_save`` is an error. ``exclude_modules`` always applies.
+    and ``modules_to_save``; otherwise PEFT matching (names by suffix, or a full-match regex),
+    minus modules inside ``modules_to_save`` (as PEFT does). ``exclude_modules`` always applies.
     """
     dense = tree_lib.select_leaves_under(params, modules_to_save)
     if target_modules is None:
         candidates = tree_lib.select_modules(params, r".*", exclude_modules, strict=False)
         modules = [m for m in candidates if not _within(m, HEAD_MODULES) and not _within(m, modules_to_save)]
     else:
+        # As in PEFT, a module inside modules_to_save is never also a delta target (RoBERTa's
+        # `classifier.dense` matches a broad "dense" but trains densely with its head).
         modules = tree_lib.select_modules(params, target_modules, exclude_modules)
-        clash = [m for m in modules if _within(m, modules_to_save)]
-        if clash:
-            raise TargetError(
-                f"modules {clash} are both targeted and in modules_to_save {modules_to_save}; "
-                "a module is trained either sparsely or densely, not both"
-            )
+        modules = [m for m in modules if not _within(m, modules_to_save)]
     if not modules and not dense:
         raise TargetError("the adapter selects no parameter: no module with a 2-D 'kernel' is targeted")
     return [f"{m}.kernel" for m in modules], dense
