@@ -64,7 +64,7 @@ def test_apply_fn_is_differentiable_in_params(config, padded_batch):
     def loss(params):
         return jnp.sum(model.apply_fn(params, ids, mask) ** 2)
 
-    grads = jax.grad(loss)(model.params)
+    grads = jax.jit(jax.grad(loss))(model.params)
     g = leaf_paths(grads)["bert.encoder.layer.0.attention.self.value.kernel"]
     assert g.shape == (32, 32) and bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0
 
