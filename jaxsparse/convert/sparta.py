@@ -1,0 +1,306 @@
+"""Read and write SpaRTA adapters in the layout of the SpaRTA authors' package (``peft_sparta``).
+
+Confirmed by reading IBM/SpaRTA's ``peft_sparta`` (``sparta.py``: ``SpaRTA.save(merged=False)``;
+``sparta_model.py``: ``load_sparse_deltas``, ``SpaRTAforCausalLM``, ``SpaRTAforSequenceClassification``):
+
+- ``config.json``: the base model's Hugging Face config plus ``sparta_pretrained_model`` (the base
+  model's name or path); for classification also ``id2label`` and
+  ``problem_type: "single_label_classification"``.
+- ``sparse_deltas.safetensors``: ``indices.<name>`` int32 (n, ndim) -- one row of coordinates per
+  trained entry, as ``mask.nonzero()`` gives them (row-major sorted) -- and ``deltas.<name>`` float32
+  (n,), for ``<name>`` the transformers ``named_parameters()`` names (the authors write an entry,
+  possibly empty, for every parameter). Merge rule: ``param[idx] = (param[idx].float() + delta).to(dtype)``.
+  Older adapters ship a torch pickle ``sparse_deltas.pt`` holding ``{"indices": {...}, "deltas": {...}}``;
+  we load it only through ``torch.load(weights_only=True)``.
+- A classification head ``score.weight`` is trained in full from ``head_init.pt`` (its initial value):
+  the head is ``head_init + deltas["score.weight"].view(num_labels, hidden)``.
+
+Our additions, ignored by the authors' code: ``sparta_modules_to_save`` in ``config.json`` lists the
+parameters trained densely (their delta is over a zero initial value unless ``head_init.pt`` exists;
+we write ``head_init.pt`` zeros for ``score.weight`` when torch is installed, so the authors' classifier
+loader gets the exact head); ``jaxsparse_sparta_config`` holds our :class:`SpartaConfig`; the
+safetensors metadata records each weight's shape so our files load without the base model.
+
+Example:
+    >>> import tempfile, jax.numpy as jnp
+    >>> from jaxsparse.delta import Adapter, SparseDelta
+    >>> from jaxsparse.methods.sparta import SpartaConfig
+    >>> d = SparseDelta(jnp.array([1, 6], jnp.int32), jnp.array([0.5, -1.0]), (4, 2))
+    >>> adapter = Adapter({"model.v_proj.kernel": d}, config=SpartaConfig(density=0.25))
+    >>> out = tempfile.mkdtemp() + "/adapter"
+    >>> save_sparta(adapter, out, base_model_name_or_path="my-base")
+    >>> back = load_sparta(out)
+    >>> back.deltas["model.v_proj.kernel"].indices.tolist(), back.config.density
+    ([1, 6], 0.25)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsparse import tree as tree_lib
+from jaxsparse.atomic import atomic_dir, atomic_write_bytes, atomic_write_text
+from jaxsparse.convert import (
+    AdapterFormatError,
+    check_dense,
+    check_values,
+    from_hf_coords,
+    hf_shape,
+    layout_metadata,
+    param_shapes,
+    read_json,
+    read_layout,
+    read_safetensors,
+    resolve_param,
+    to_hf_coords,
+    write_safetensors_bytes,
+)
+from jaxsparse.delta import Adapter, SparseDelta
+from jaxsparse.methods.sparta import SpartaConfig
+from jaxsparse.models import naming
+
+PyTree = Any
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "sparse_deltas.safetensors"
+PICKLE_NAME = "sparse_deltas.pt"
+HEAD_INIT_NAME = "head_init.pt"
+HEAD_NAME = "score.weight"
+BASE_KEY = "sparta_pretrained_model"
+DENSE_KEY = "sparta_modules_to_save"
+CONFIG_KEY = "jaxsparse_sparta_config"
+_CONFIG_FIELDS = ("density", "target_modules", "exclude_modules", "modules_to_save", "seed", "task_type")
+
+
+def _config_dict(hf_config: Any) -> dict[str, Any]:
+    if hf_config is None:
+        return {}
+    if hasattr(hf_config, "to_dict"):
+        return dict(hf_config.to_dict())
+    if isinstance(hf_config, Mapping):
+        return dict(hf_config)
+    raise TypeError(f"hf_config must be a transformers config or a dict, got {type(hf_config).__name__}")
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def sparta_tensors(
+    adapter: Adapter, *, params: PyTree | None = None, fan_in_fan_out: Sequence[str] = ()
+) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]], list[str]]:
+    """``(tensors, layout, dense_names)`` in the authors' key layout.
+
+    With ``params``, every other parameter of the model gets an empty entry (as the authors write,
+    and as their causal-LM loader expects).
+    """
+    tensors: dict[str, np.ndarray] = {}
+    layout: dict[str, dict[str, Any]] = {}
+    dense_names: list[str] = []
+    for path, d in adapter.deltas.items():
+        if not isinstance(d, SparseDelta):
+            raise ValueError(f"{path}: the SpaRTA format holds sparse deltas only, got {type(d).__name__}")
+        name, transposed = naming.hf_key(path, fan_in_fan_out=fan_in_fan_out)
+        try:
+            coords, order = to_hf_coords(np.asarray(d.indices), d.shape, transposed=transposed)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        tensors[f"indices.{name}"] = coords
+        tensors[f"deltas.{name}"] = np.asarray(d.values)[order]
+        layout[name] = {"path": path, "shape": list(d.shape), "transposed": transposed}
+    for path, value in adapter.dense.items():
+        name, transposed = naming.hf_key(path, fan_in_fan_out=fan_in_fan_out)
+        value = np.asarray(value)
+        hf_value = value.T if transposed else value
+        tensors[f"indices.{name}"] = np.argwhere(np.ones(hf_value.shape, bool)).astype(np.int32)
+        tensors[f"deltas.{name}"] = np.ascontiguousarray(hf_value).reshape(-1)
+        layout[name] = {"path": path, "shape": list(value.shape), "transposed": transposed}
+        dense_names.append(name)
+    if params is not None:
+        for path, shape in param_shapes(params).items():
+            name, transposed = naming.hf_key(path, fan_in_fan_out=fan_in_fan_out)
+            if f"indices.{name}" not in tensors:
+                tensors[f"indices.{name}"] = np.zeros((0, len(shape)), np.int32)
+                tensors[f"deltas.{name}"] = np.zeros((0,), np.float32)
+    return tensors, layout, sorted(dense_names)
+
+
+def save_sparta(
+    adapter: Adapter,
+    out_dir: str | os.PathLike,
+    *,
+    base_model_name_or_path: str | None = None,
+    hf_config: Any = None,
+    params: PyTree | None = None,
+    fan_in_fan_out: Sequence[str] = (),
+) -> None:
+    """Write ``adapter`` as a SpaRTA adapter directory.
+
+    ``hf_config`` (a transformers config or its dict) is copied into ``config.json`` as the authors
+    do; ``params`` adds the empty entries for untouched parameters. The directory appears complete or
+    not at all.
+    """
+    config = adapter.config
+    tensors, layout, dense_names = sparta_tensors(adapter, params=params, fan_in_fan_out=fan_in_fan_out)
+    out = _config_dict(hf_config)
+    base = (
+        base_model_name_or_path
+        or getattr(config, "base_model_name_or_path", None)
+        or out.get("_name_or_path")
+    )
+    out[BASE_KEY] = base
+    out[DENSE_KEY] = dense_names
+    if isinstance(config, SpartaConfig):
+        out[CONFIG_KEY] = {f: _jsonable(getattr(config, f)) for f in _CONFIG_FIELDS}
+        if config.task_type == "SEQ_CLS":
+            out.setdefault("problem_type", "single_label_classification")
+    data = write_safetensors_bytes(tensors, layout_metadata(layout))
+    with atomic_dir(out_dir) as tmp:
+        atomic_write_text(os.path.join(tmp, CONFIG_NAME), json.dumps(out, indent=2, sort_keys=True) + "\n")
+        atomic_write_bytes(os.path.join(tmp, WEIGHTS_NAME), data)
+        if HEAD_NAME in dense_names:
+            try:
+                import torch
+            except ImportError:  # the authors' classifier loader needs it; ours does not
+                torch = None
+            if torch is not None:
+                shape = tensors[f"indices.{HEAD_NAME}"].max(axis=0) + 1
+                torch.save(torch.zeros(tuple(int(s) for s in shape)), os.path.join(tmp, HEAD_INIT_NAME))
+
+
+def _torch_load(path: str) -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise AdapterFormatError(
+            f"{path}: a torch file; install torch to read it (we never unpickle otherwise)"
+        ) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for unsafe or corrupt files
+        raise AdapterFormatError(
+            f"{path}: cannot be loaded with torch.load(weights_only=True) (refusing to unpickle arbitrary "
+            f"objects; re-save it as safetensors): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
+
+
+def _read_deltas(
+    adapter_dir: str,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, str], str]:
+    st_path = os.path.join(adapter_dir, WEIGHTS_NAME)
+    pt_path = os.path.join(adapter_dir, PICKLE_NAME)
+    indices: dict[str, np.ndarray] = {}
+    deltas: dict[str, np.ndarray] = {}
+    if os.path.isfile(st_path):
+        tensors, metadata = read_safetensors(st_path)
+        for key, value in tensors.items():
+            kind, _, name = key.partition(".")
+            if kind == "indices" and name:
+                indices[name] = value
+            elif kind == "deltas" and name:
+                deltas[name] = value
+            else:
+                raise AdapterFormatError(
+                    f"{st_path}: unexpected key {key!r} (expected 'indices.<name>' or 'deltas.<name>')"
+                )
+        return indices, deltas, metadata, st_path
+    if os.path.isfile(pt_path):
+        obj = _torch_load(pt_path)
+        if not isinstance(obj, Mapping) or not {"indices", "deltas"} <= set(obj):
+            raise AdapterFormatError(f"{pt_path}: expected a dict with 'indices' and 'deltas'")
+        for part, store in (("indices", indices), ("deltas", deltas)):
+            for name, value in obj[part].items():
+                store[name] = (
+                    value.detach().cpu().float().numpy() if value.is_floating_point() else value.numpy()
+                )
+        return indices, deltas, {}, pt_path
+    raise AdapterFormatError(f"{adapter_dir}: no {WEIGHTS_NAME} or {PICKLE_NAME} (not a SpaRTA adapter)")
+
+
+def load_sparta(
+    adapter_dir: str | os.PathLike, params: PyTree | None = None, *, fan_in_fan_out: Sequence[str] = ()
+) -> Adapter:
+    """A SpaRTA adapter directory as our :class:`~jaxsparse.delta.Adapter`.
+
+    ``params`` (arrays or ``jax.ShapeDtypeStruct``) resolves names and shapes and is required for
+    adapters the authors' code wrote. Empty entries are dropped. Errors name the file and key.
+    """
+    adapter_dir = os.fspath(adapter_dir)
+    cfg_path = os.path.join(adapter_dir, CONFIG_NAME)
+    raw = read_json(cfg_path)
+    if BASE_KEY not in raw:
+        raise AdapterFormatError(f"{cfg_path}: no {BASE_KEY!r} key (not a SpaRTA adapter config)")
+    indices, deltas, metadata, source = _read_deltas(adapter_dir)
+    layout = read_layout(metadata, source)
+    shapes = param_shapes(params) if params is not None else None
+    for name in sorted(set(indices) ^ set(deltas)):
+        missing = "deltas" if name in indices else "indices"
+        raise AdapterFormatError(
+            f"{source}: '{missing}.{name}' missing (every parameter needs indices and deltas)"
+        )
+    head_init = None
+    head_path = os.path.join(adapter_dir, HEAD_INIT_NAME)
+    if os.path.isfile(head_path):
+        head_init = np.asarray(_torch_load(head_path).float().numpy())
+    dense_names = set(raw.get(DENSE_KEY) or ()) | ({HEAD_NAME} if head_init is not None else set())
+
+    sparse_out: dict[str, SparseDelta] = {}
+    dense_out: dict[str, Any] = {}
+    for name in sorted(indices):
+        where = f"{source}: {name}"
+        coords = np.asarray(indices[name])
+        if coords.ndim == 2 and coords.shape[0] == 0 and name not in dense_names:
+            continue
+        path, shape, transposed = resolve_param(
+            name, shapes=shapes, layout=layout, fan_in_fan_out=fan_in_fan_out, where=where
+        )
+        flat, order = from_hf_coords(coords, shape, transposed=transposed, where=f"{source}: indices.{name}")
+        values = check_values(deltas[name], coords.shape[0], f"{source}: deltas.{name}")[order]
+        if name in dense_names:
+            numel = int(np.prod(shape))
+            if flat.size != numel:
+                raise AdapterFormatError(
+                    f"{where}: trained densely ({DENSE_KEY}) but has {flat.size} of {numel} entries"
+                )
+            init = np.zeros(numel, np.float32)
+            if name == HEAD_NAME and head_init is not None:
+                if head_init.shape != hf_shape(shape, transposed):
+                    raise AdapterFormatError(
+                        f"{head_path}: shape {head_init.shape}, expected {hf_shape(shape, transposed)} for {name}"
+                    )
+                init = (head_init.T if transposed else head_init).reshape(-1).astype(np.float32)
+            dense_out[path] = jnp.asarray(
+                check_dense((init + values.astype(np.float32)).reshape(shape), where)
+            )
+        else:
+            sparse_out[path] = SparseDelta(jnp.asarray(flat), jnp.asarray(values), shape)
+    return Adapter(sparse_out, dense_out, config=_sparta_config(raw, sparse_out, cfg_path))
+
+
+def _sparta_config(raw: dict[str, Any], deltas: dict[str, SparseDelta], where: str) -> SpartaConfig:
+    base = raw.get(BASE_KEY)
+    saved = raw.get(CONFIG_KEY)
+    if isinstance(saved, Mapping):
+        kwargs = {f: saved[f] for f in _CONFIG_FIELDS if f in saved}
+        try:
+            return SpartaConfig(**kwargs, base_model_name_or_path=base)
+        except (TypeError, ValueError) as e:
+            raise AdapterFormatError(f"{where}: {CONFIG_KEY!r} is invalid: {e}") from None
+    # An adapter from the authors' code: record what the files say.
+    k = sum(d.k for d in deltas.values())
+    numel = sum(int(np.prod(d.shape)) for d in deltas.values())
+    density = min(1.0, k / numel) if k else 1.0
+    task = "SEQ_CLS" if raw.get("problem_type") == "single_label_classification" else None
+    targets = sorted({tree_lib.module_of(p) for p in deltas}) or None
+    return dataclasses.replace(
+        SpartaConfig(density=density),
+        target_modules=tuple(targets) if targets else None,
+        task_type=task,
+        base_model_name_or_path=base,
+    )

@@ -1,0 +1,241 @@
+"""SpaRTA layout (the authors' peft_sparta): exact round trip, their merge rule as oracle, bad input named."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from jaxsparse import tree as tree_lib
+from jaxsparse.convert import AdapterFormatError
+from jaxsparse.convert.sparta import load_sparta, save_sparta
+from jaxsparse.delta import Adapter, SparseDelta, apply
+from jaxsparse.methods.sparta import SpartaConfig
+from jaxsparse.models.naming import hf_key
+
+H, FF, L = 8, 12, 3
+
+
+def tiny_params(seed=0):
+    rng = np.random.default_rng(seed)
+
+    def w(*shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    layer = {
+        "self_attn": {n: {"kernel": w(H, H)} for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+        "mlp": {"up_proj": {"kernel": w(H, FF)}, "down_proj": {"kernel": w(FF, H)}},
+        "input_layernorm": {"scale": w(H)},
+    }
+    return {
+        "model": {"embed_tokens": {"embedding": w(20, H)}, "layers": {"0": layer}, "norm": {"scale": w(H)}},
+        "score": {"kernel": w(H, L)},
+    }
+
+
+def sparta_adapter(params, density=0.25, seed=1, head=True):
+    rng = np.random.default_rng(seed)
+    deltas = {}
+    for path in (
+        "model.layers.0.self_attn.v_proj.kernel",
+        "model.layers.0.mlp.up_proj.kernel",
+        "model.norm.scale",
+    ):
+        shape = tree_lib.get_leaf(params, path).shape
+        numel = int(np.prod(shape))
+        k = round(density * numel)
+        idx = np.sort(rng.choice(numel, size=k, replace=False)).astype(np.int32)
+        deltas[path] = SparseDelta(jnp.asarray(idx), jnp.asarray(rng.normal(size=k), jnp.float32), shape)
+    dense = {"score.kernel": jnp.asarray(rng.normal(size=(H, L)), jnp.float32)} if head else {}
+    config = SpartaConfig(
+        density=density, target_modules=["v_proj", "up_proj"], modules_to_save=["score"] if head else None,
+        seed=3, task_type="SEQ_CLS" if head else None,
+    )  # fmt: skip
+    return Adapter(deltas, dense, config=config)
+
+
+def hf_state(params):
+    out = {}
+    for path, leaf in tree_lib.leaf_paths(params).items():
+        key, transposed = hf_key(path)
+        out[key] = np.asarray(leaf).T if transposed else np.asarray(leaf)
+    return out
+
+
+def assert_same_adapter(a, b):
+    assert sorted(a.deltas) == sorted(b.deltas) and sorted(a.dense) == sorted(b.dense)
+    for p, d in a.deltas.items():
+        assert b.deltas[p].shape == d.shape
+        np.testing.assert_array_equal(np.asarray(b.deltas[p].indices), np.asarray(d.indices))
+        np.testing.assert_array_equal(np.asarray(b.deltas[p].values), np.asarray(d.values))
+    for p, v in a.dense.items():
+        np.testing.assert_array_equal(np.asarray(b.dense[p]), np.asarray(v))
+
+
+def test_round_trip_exact_with_and_without_params(tmp_path):
+    params = tiny_params()
+    adapter = sparta_adapter(params)
+    save_sparta(
+        adapter, tmp_path / "a", base_model_name_or_path="tiny-llama", hf_config={"model_type": "llama"}
+    )
+    for back in (load_sparta(tmp_path / "a"), load_sparta(tmp_path / "a", params)):
+        assert_same_adapter(adapter, back)
+        assert back.config.density == 0.25 and back.config.target_modules == ("v_proj", "up_proj")
+        assert back.config.base_model_name_or_path == "tiny-llama"
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["sparta_pretrained_model"] == "tiny-llama"
+    assert cfg["problem_type"] == "single_label_classification"
+
+
+def test_files_follow_authors_layout_and_merge_rule(tmp_path):
+    """The authors' merge, param[idx] += delta per named parameter, reproduces our apply exactly."""
+    params = tiny_params()
+    adapter = sparta_adapter(params, head=False)
+    save_sparta(adapter, tmp_path / "a", base_model_name_or_path="b", params=params)
+    tensors = load_file(tmp_path / "a" / "sparse_deltas.safetensors")
+    hf = hf_state(params)
+    assert {k.partition(".")[2] for k in tensors} == set(
+        hf
+    )  # an entry for every parameter, as the authors write
+    merged = {k: v.copy() for k, v in hf.items()}
+    for name, w in merged.items():
+        idx, d = tensors[f"indices.{name}"], tensors[f"deltas.{name}"]
+        assert idx.dtype == np.int32 and idx.shape == (d.shape[0], w.ndim) and d.dtype == np.float32
+        if len(idx):
+            assert np.all(np.diff(np.ravel_multi_index(tuple(idx.T), w.shape)) > 0), "row-major sorted"
+        w[tuple(idx.T)] = (w[tuple(idx.T)].astype(np.float32) + d).astype(w.dtype)
+    ours = hf_state(apply(params, adapter))
+    for name in hf:
+        np.testing.assert_array_equal(merged[name], ours[name])
+    assert tensors["indices.model.embed_tokens.weight"].shape == (0, 2)
+
+
+def test_authors_files_need_params_and_head_init(tmp_path):
+    torch = pytest.importorskip("torch")
+    params = tiny_params()
+    rng = np.random.default_rng(0)
+    out = tmp_path / "authors"
+    out.mkdir()
+    (out / "config.json").write_text(
+        json.dumps({"model_type": "llama", "sparta_pretrained_model": "base", "id2label": {"0": "a", "1": "b", "2": "c"},
+                    "problem_type": "single_label_classification"})
+    )  # fmt: skip
+    v_idx = np.array([[0, 1], [2, 5], [7, 0]], np.int32)  # (out, in) rows
+    v_val = rng.normal(size=3).astype(np.float32)
+    head_init = rng.normal(size=(L, H)).astype(np.float32)
+    head_delta = rng.normal(size=L * H).astype(np.float32)
+    tensors = {
+        "indices.model.layers.0.self_attn.v_proj.weight": v_idx, "deltas.model.layers.0.self_attn.v_proj.weight": v_val,
+        "indices.model.norm.weight": np.zeros((0, 1), np.int32), "deltas.model.norm.weight": np.zeros(0, np.float32),
+        "indices.score.weight": np.ascontiguousarray(np.argwhere(np.ones((L, H))), np.int32), "deltas.score.weight": head_delta,
+    }  # fmt: skip
+    save_file(tensors, out / "sparse_deltas.safetensors")
+    torch.save(torch.from_numpy(head_init), out / "head_init.pt")
+    with pytest.raises(AdapterFormatError, match="pass the base model's params"):
+        load_sparta(out)
+    adapter = load_sparta(out, params)
+    assert adapter.config.task_type == "SEQ_CLS" and adapter.config.base_model_name_or_path == "base"
+    assert list(adapter.deltas) == ["model.layers.0.self_attn.v_proj.kernel"]
+    d = adapter.deltas["model.layers.0.self_attn.v_proj.kernel"]
+    expected_flat = sorted(i * H + o for o, i in v_idx)  # our kernel is (in, out)
+    assert d.indices.tolist() == expected_flat
+    w = np.asarray(params["model"]["layers"]["0"]["self_attn"]["v_proj"]["kernel"]).T.copy()
+    w[tuple(v_idx.T)] += v_val
+    np.testing.assert_array_equal(
+        np.asarray(apply(params, adapter)["model"]["layers"]["0"]["self_attn"]["v_proj"]["kernel"]).T, w
+    )
+    np.testing.assert_array_equal(
+        np.asarray(adapter.dense["score.kernel"]).T, head_init + head_delta.reshape(L, H)
+    )
+
+    # the same adapter as the older pickle form: loaded only through weights_only=True
+    (out / "sparse_deltas.safetensors").unlink()
+    pt = {"indices": {}, "deltas": {}}
+    for k, v in tensors.items():
+        kind, _, name = k.partition(".")
+        pt[kind][name] = torch.from_numpy(v)
+    torch.save(pt, out / "sparse_deltas.pt")
+    assert_same_adapter(adapter, load_sparta(out, params))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_unsafe_pickle_refused(tmp_path):
+    torch = pytest.importorskip("torch")
+    out = tmp_path / "a"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"sparta_pretrained_model": "b"}))
+    torch.save({"indices": {}, "deltas": {}, "x": _Evil()}, out / "sparse_deltas.pt")
+    with pytest.raises(AdapterFormatError, match="weights_only=True"):
+        load_sparta(out, tiny_params())
+
+
+def _bad(tmp_path, mutate):
+    params = tiny_params()
+    src = tmp_path / "src"
+    save_sparta(sparta_adapter(params), src, base_model_name_or_path="b")
+    from safetensors import safe_open
+
+    with safe_open(src / "sparse_deltas.safetensors", "np") as f:
+        meta = f.metadata()
+    tensors = load_file(src / "sparse_deltas.safetensors")
+    mutate(tensors)
+    dst = tmp_path / "bad"
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    save_file(tensors, dst / "sparse_deltas.safetensors", metadata=meta)
+    return dst, params
+
+
+V = "model.layers.0.self_attn.v_proj.weight"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda t: t.pop("deltas." + V), "'deltas.model.layers.0.self_attn.v_proj.weight' missing"),
+        (lambda t: t["indices." + V].__setitem__((0, 0), H), "out of range"),
+        (lambda t: t["indices." + V].__setitem__(1, t["indices." + V][0]), "duplicate"),
+        (lambda t: t["deltas." + V].__setitem__(0, np.inf), "non-finite"),
+        (lambda t: t.__setitem__("deltas." + V, t["deltas." + V][:-1]), "to match the indices"),
+        (lambda t: t.__setitem__("indices." + V, t["indices." + V][:, :1]), r"shape \(n, 2\)"),
+        (lambda t: t.__setitem__("bogus", np.zeros(1, np.float32)), "unexpected key 'bogus'"),
+        (lambda t: [t.__setitem__(f"{k}.score.weight", t[f"{k}.score.weight"][1:]) for k in ("indices", "deltas")],
+         "trained densely"),
+        (lambda t: t.__setitem__("indices.nope.weight", np.zeros((1, 1), np.int32)), "missing"),
+    ],
+)  # fmt: skip
+def test_bad_tensors_are_named(tmp_path, mutate, match):
+    dst, params = _bad(tmp_path, mutate)
+    with pytest.raises(AdapterFormatError, match=match) as e:
+        load_sparta(dst, params)
+    assert "sparse_deltas.safetensors" in str(e.value)
+
+
+def test_not_a_sparta_dir_and_wrong_model(tmp_path):
+    dst, params = _bad(tmp_path, lambda t: None)
+    other = tiny_params()
+    other["model"]["layers"]["0"]["self_attn"]["v_proj"]["kernel"] = jnp.zeros((H, H + 1))
+    with pytest.raises(AdapterFormatError, match="different base model"):
+        load_sparta(dst, other)
+    (dst / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(AdapterFormatError, match="sparta_pretrained_model"):
+        load_sparta(dst, params)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text(json.dumps({"sparta_pretrained_model": "b"}))
+    with pytest.raises(AdapterFormatError, match="not a SpaRTA adapter"):
+        load_sparta(tmp_path / "empty", params)
+
+
+def test_write_is_atomic_on_bad_adapter(tmp_path):
+    params = tiny_params()
+    adapter = sparta_adapter(params, head=False)
+    d = adapter.deltas["model.norm.scale"]
+    bad = Adapter({"model.norm.scale": SparseDelta(d.indices.at[0].set(H), d.values, d.shape)})
+    with pytest.raises(ValueError, match=r"model\.norm\.scale"):
+        save_sparta(bad, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
