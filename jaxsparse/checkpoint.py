@@ -94,6 +94,8 @@ class Checkpointer:
             save_interval_steps=1,
             max_to_keep=keep,
             create=True,
+            # a run killed mid-save leaves a temporary step directory: drop it on the next start
+            cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))

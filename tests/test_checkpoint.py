@@ -142,3 +142,17 @@ def test_bad_inputs(tmp_path):
             ckpt.restore(other)
     with pytest.raises(ValueError, match="save_every"):
         Checkpointer(tmp_path / "d", save_every=0)
+
+
+def test_async_save_and_leftover_tmp_dir_from_a_kill(tmp_path):
+    params = tiny_mlp()
+    state = init_train_state(sparse_adapter(params, dense_head=False), optax.adam(1e-3), 0)
+    with Checkpointer(tmp_path / "c", save_every=1, async_save=True) as ckpt:
+        assert ckpt.save(state, force=True)
+    (tmp_path / "c" / "7.orbax-checkpoint-tmp-123").mkdir()  # what a kill mid-save leaves behind
+    with Checkpointer(tmp_path / "c", save_every=1) as ckpt:
+        assert ckpt.latest_step() == 0
+        restored = ckpt.restore(state)
+    for a, b in zip(leaves(restored.state), leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["0"]
