@@ -185,3 +185,20 @@ def test_bad_configs_are_refused():
     config.rope_parameters = {"rope_type": "proportional", "rope_theta": 10000.0}
     with pytest.raises(ValueError, match="unsupported rope_type 'proportional'"):
         models.init_params(config, task="base")
+
+
+def test_causal_lm_directory_loads_as_base_and_seq_cls(tmp_path, mixed_padding, our_output):
+    config = make_config("llama", tie_word_embeddings=False)
+    tm = random_torch_model(transformers.AutoModelForCausalLM, config, seed=4)
+    tm.save_pretrained(tmp_path / "lm")
+    ids, mask = mixed_padding
+    base_ref = transformers.AutoModel.from_pretrained(tmp_path / "lm", attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = base_ref(
+            input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)
+        ).last_hidden_state.numpy()
+    base = models.from_pretrained(tmp_path / "lm", task="base")
+    keep = mask.astype(bool)
+    assert np.abs(our_output(base, ids, mask)[keep] - ref[keep]).max() <= 1e-5
+    cls = models.from_pretrained(tmp_path / "lm", num_labels=5)
+    assert cls.task == "seq_cls" and our_output(cls, ids, mask).shape == (3, 5)
