@@ -55,15 +55,17 @@ def process_logits(
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature} (use do_sample=False for greedy)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 <= top_p <= 1:
+        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
     logits = logits.astype(jnp.float32)
     if temperature != 1.0:
         logits = logits / jnp.float32(temperature)
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
+    if top_k is not None and top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p is not None and top_p < 1.0:
-        if not 0 <= top_p <= 1:
-            raise ValueError(f"top_p must be in [0, 1], got {top_p}")
         order = jnp.argsort(logits, axis=-1)  # ascending, like transformers
         sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
         cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)

@@ -175,3 +175,7 @@ def test_bad_arguments_are_refused():
         generate(model, PROMPTS, np.ones((3, 4)))
     with pytest.raises(ValueError, match="temperature"):
         process_logits(jnp.zeros((1, 3)), temperature=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        process_logits(jnp.zeros((1, 3)), top_k=0)
+    with pytest.raises(ValueError, match="top_p"):
+        process_logits(jnp.zeros((1, 3)), top_p=1.5)
