@@ -38,7 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsparse import tree as tree_lib
-from jaxsparse.atomic import atomic_dir, atomic_write_text
+from jaxsparse.atomic import atomic_dir, atomic_write_bytes, atomic_write_text
+from jaxsparse.convert import (
+    AdapterFormatError,
+    check_dense,
+    read_json,
+    read_safetensors,
+    write_safetensors_bytes,
+)
 from jaxsparse.delta import Adapter, LowRankDelta
 from jaxsparse.methods.lora import LoraConfig, dense_paths, target_modules_of
 from jaxsparse.models.naming import hf_key, param_path
@@ -50,9 +57,13 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 PEFT_VERSION = "0.21.2"
 
-
-class AdapterFormatError(ValueError):
-    """An adapter directory/file does not hold what the format (or the base model) requires."""
+__all__ = [
+    "AdapterFormatError",
+    "load_peft_lora",
+    "lora_config_from_peft",
+    "lora_config_to_peft",
+    "save_peft_lora",
+]
 
 
 # PEFT 0.21.2 LoraConfig fields we implement (name -> our LoraConfig field).
@@ -145,17 +156,7 @@ _BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga", "orthogo
 
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     """The parsed ``adapter_config.json`` of ``adapter_dir``; clear errors for a missing/invalid file."""
-    path = os.path.join(os.fspath(adapter_dir), CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise AdapterFormatError(f"{path}: not found (a PEFT adapter directory holds {CONFIG_NAME})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFormatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise AdapterFormatError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return raw
+    return read_json(os.path.join(os.fspath(adapter_dir), CONFIG_NAME))
 
 
 def lora_config_from_peft(raw: Mapping[str, Any], *, source: str = CONFIG_NAME) -> LoraConfig:
@@ -261,21 +262,11 @@ def _parent_library(class_name: str) -> str:
 def read_adapter_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """All tensors of an adapter ``.safetensors`` file; a missing, truncated or corrupt file is a clear error."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        bin_path = os.path.join(os.path.dirname(path), "adapter_model.bin")
-        hint = (
-            " (found adapter_model.bin: a pickle, which we do not load; re-save with safetensors)"
-            if os.path.isfile(bin_path)
-            else ""
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(os.path.dirname(path), "adapter_model.bin")):
+        raise AdapterFormatError(
+            f"{path}: not found; adapter_model.bin is a pickle, which we do not load (re-save with safetensors)"
         )
-        raise AdapterFormatError(f"{path}: not found{hint}")
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError, TypeError) as e:
-        raise AdapterFormatError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+    return read_safetensors(path)[0]
 
 
 def _hf_dense_key(path: str, fan_in_fan_out: Sequence[str], targets: set[str]) -> tuple[str, bool]:
@@ -341,9 +332,7 @@ def save_peft_lora(
                 f"{path}: rank {delta.rank} / scale {delta.scale} disagree with the config "
                 f"(r={r}, scaling={config.scaling(module)}); PEFT would apply a different update"
             )
-    tensors = lora_state_dict(adapter, fan_in_fan_out=fan_in_fan_out)
-    from safetensors.numpy import save_file
-
+    data = write_safetensors_bytes(lora_state_dict(adapter, fan_in_fan_out=fan_in_fan_out), {"format": "pt"})
     with atomic_dir(out_dir) as tmp:
         atomic_write_text(
             os.path.join(tmp, CONFIG_NAME),
@@ -352,7 +341,7 @@ def save_peft_lora(
             )
             + "\n",
         )
-        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        atomic_write_bytes(os.path.join(tmp, WEIGHTS_NAME), data)
 
 
 def load_peft_lora(
@@ -414,6 +403,8 @@ def load_peft_lora(
                 f"expected ({r}, {fan_in}) and ({fan_out}, {r}) for r={r} and the base weight "
                 f"(out={fan_out}, in={fan_in})"
             )
+        a = check_dense(a, f"{weights_path}: {KEY_PREFIX}{module}.lora_A.weight")
+        b = check_dense(b, f"{weights_path}: {KEY_PREFIX}{module}.lora_B.weight")
         deltas[kernel_path] = LowRankDelta(
             a=jnp.asarray(a.T), b=jnp.asarray(b.T), scale=float(config.scaling(module))
         )
@@ -442,7 +433,7 @@ def load_peft_lora(
                 f"{weights_path}: {KEY_PREFIX + key!r} has shape {tuple(array.shape)}; the base model's "
                 f"{path!r} needs {tuple(leaves[path].shape)}{' (transposed)' if transposed else ''}"
             )
-        dense[path] = jnp.asarray(value)
+        dense[path] = jnp.asarray(check_dense(value, f"{weights_path}: {KEY_PREFIX}{key}"))
     allowed = set(dense_paths_for_check(params, config, expected))
     stray = sorted(set(dense) - allowed)
     if stray:
