@@ -134,7 +134,9 @@ def target_modules_of(params: PyTree, config: LoraConfig) -> list[str]:
         chosen = [m for m in every if tree_lib.leaf_name(m) not in OUTPUT_LAYERS]
     else:
         chosen = tree_lib.select_modules(params, config.target_modules, config.exclude_modules)
-    saved = tree_lib.module_matcher(list(_modules_to_save(params, config)))
+    saved = tree_lib.module_matcher(
+        list(_modules_to_save(params, config))
+    )  # PEFT: never adapt a saved module
     return [m for m in chosen if not any(saved(p) for p in tree_lib._prefixes(m))]
 
 
@@ -148,10 +150,16 @@ def _modules_to_save(params: PyTree, config: LoraConfig) -> tuple[str, ...]:
     return names
 
 
-def dense_paths(params: PyTree, config: LoraConfig, targets: Sequence[str]) -> list[str]:
-    """Parameter paths trained in full: ``modules_to_save`` leaves, plus biases per ``config.bias``."""
+def dense_paths(
+    params: PyTree, config: LoraConfig, targets: Sequence[str], *, strict: bool = True
+) -> list[str]:
+    """Parameter paths trained in full: ``modules_to_save`` leaves, plus biases per ``config.bias``.
+
+    With ``strict``, a ``modules_to_save`` name matching no module is an error (PEFT itself tolerates
+    it when loading: a SEQ_CLS adapter lists both ``classifier`` and ``score``).
+    """
     explicit = tuple(config.modules_to_save or ())
-    chosen = tree_lib.select_leaves_under(params, list(explicit)) if explicit else []
+    chosen = tree_lib.select_leaves_under(params, list(explicit), strict=strict) if explicit else []
     auto = [h for h in _modules_to_save(params, config) if h not in explicit]
     if auto:
         chosen += tree_lib.select_leaves_under(params, auto, strict=False)
