@@ -28,6 +28,7 @@ Example (tiny run; ``jaxsparse train`` does the same with the embedded default):
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -349,26 +350,47 @@ def evaluate(
 # ----------------------------------------------------------------------------- outputs
 
 
-def save_final_adapter(adapter: delta_lib.Adapter, directory: Path, prepared: Prepared, cfg: Config) -> str:
-    """The trained adapter in its on-disk format (PEFT SHiRA / SpaRTA; full FT: a full model),
-    written beside ``directory`` and renamed into place."""
-    from jaxsparse import adapter_io
+def base_model_name(cfg: Config) -> str:
+    """How an adapter names its base model: the asset name as given (portable across machines),
+    else the absolute path."""
+    if cfg.model.path in config_lib.ASSET_MODELS:
+        return cfg.model.path
+    return str(Path(cfg.model.path).absolute())
 
+
+def save_final_adapter(adapter: delta_lib.Adapter, directory: Path, prepared: Prepared, cfg: Config) -> str:
+    """The trained adapter in its on-disk format (PEFT SHiRA / SpaRTA; full FT: a full Hugging Face
+    model), plus the tokenizer and, for classification, the model's ``config.json`` (its
+    ``id2label``). Written to a temporary directory beside ``directory`` and renamed into place."""
+    from jaxsparse import adapter_io, models
+
+    model = prepared.model
     tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model = prepared.model
-    if cfg.method == "full":
-        from jaxsparse import models
-
-        full = dataclasses.replace(model, params=delta_lib.apply(model.params, adapter))
-        models.save_pretrained(full, tmp)
-    else:
-        adapter_io.save_adapter(adapter, tmp, model=model)
-    prepared.tokenizer.save_pretrained(str(tmp))
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    try:
+        if cfg.method == "full":
+            models.save_pretrained(
+                dataclasses.replace(model, params=delta_lib.apply(model.params, adapter)), tmp
+            )
+        else:
+            adapter_io.save_adapter(adapter, tmp, model=model, base_model_name_or_path=base_model_name(cfg))
+            if cfg.task == "seq_cls" and not (tmp / "config.json").exists():
+                # PEFT adapter files carry no labels; the model config beside them does (PEFT ignores it).
+                hf_config = copy.deepcopy(model.config)
+                hf_config.architectures = [
+                    models.architecture(model.model_type).hf_class_name(hf_config, "seq_cls")
+                ]
+                hf_config.save_pretrained(str(tmp))
+        prepared.tokenizer.save_pretrained(str(tmp))
+        old = directory.with_name(f".{directory.name}.old{os.getpid()}")
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return str(directory)
 
 

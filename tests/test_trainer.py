@@ -53,6 +53,25 @@ def write_tiny_assets(root, n: int = 96, seed: int = 0):
     return model_dir, data
 
 
+def write_tiny_bert(root, hidden: int = 16):
+    """Tiny-asset dir with a real (random) 1-layer BERT checkpoint saved by our loader's inverse."""
+    import transformers
+
+    from jaxsparse import models
+
+    model_dir, data = write_tiny_assets(root)
+    config = transformers.BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=32,
+    )
+    models.save_pretrained(models.init_params(config, task="base", seed=0), model_dir)
+    return model_dir, data
+
+
 def tiny_classifier(num_labels: int = 2, hidden: int = 16, seed: int = 0) -> Model:
     """Embeddings -> one tanh 'query' layer -> masked mean -> classifier, BERT-named."""
     k = jax.random.split(jax.random.key(seed), 3)
@@ -94,35 +113,35 @@ def tiny_classifier(num_labels: int = 2, hidden: int = 16, seed: int = 0) -> Mod
     return Model(config, params, apply_fn, "seq_cls")
 
 
+def tiny_overrides(tmp_path, model_dir, data, method: str = "full") -> list[str]:
+    return [
+        f"method={method}",
+        f"model.path={model_dir}",
+        "data.source=csv",
+        f"data.path={data}",
+        "data.text_column=sentence",
+        "data.label_column=sentiment",
+        "data.max_length=12",
+        "data.eval_size=32",
+        "train.steps=12",
+        "train.batch_size=8",
+        "train.eval_batch_size=16",
+        "train.learning_rate=0.05",
+        "train.warmup_steps=0",
+        "train.eval_every=6",
+        "train.log_every=2",
+        "train.checkpoint_every=4",
+        "train.progress=false",
+        "adapter.target_modules=[query]",
+        "adapter.r=2",
+        "adapter.density=0.5",
+        f"output={tmp_path / 'run'}",
+    ]
+
+
 def tiny_config(tmp_path, method: str = "full", *extra: str) -> config_lib.Config:
     model_dir, data = write_tiny_assets(tmp_path)
-    return config_lib.load_config(
-        None,
-        [
-            f"method={method}",
-            f"model.path={model_dir}",
-            "data.source=csv",
-            f"data.path={data}",
-            "data.text_column=sentence",
-            "data.label_column=sentiment",
-            "data.max_length=12",
-            "data.eval_size=32",
-            "train.steps=12",
-            "train.batch_size=8",
-            "train.eval_batch_size=16",
-            "train.learning_rate=0.05",
-            "train.warmup_steps=0",
-            "train.eval_every=6",
-            "train.log_every=2",
-            "train.checkpoint_every=4",
-            "train.progress=false",
-            "adapter.target_modules=[query]",
-            "adapter.r=2",
-            "adapter.density=0.5",
-            f"output={tmp_path / 'run'}",
-            *extra,
-        ],
-    )
+    return config_lib.load_config(None, [*tiny_overrides(tmp_path, model_dir, data, method), *extra])
 
 
 @pytest.fixture
@@ -234,3 +253,29 @@ def test_causal_lm_nll_matches_numpy():
     want = [-logp[b, t, ids[b, t + 1]] for b in range(2) for t in range(4) if mask[b, t + 1]]
     assert int(count) == len(want) == 6
     assert float(total) == pytest.approx(sum(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["shira", "sparta"])
+def test_sparse_methods_on_tiny_bert_write_their_format(tmp_path, method):
+    from jaxsparse.adapter_io import adapter_format, load_adapter
+
+    model_dir, data = write_tiny_bert(tmp_path)
+    cfg = config_lib.load_config(None, [*tiny_overrides(tmp_path, model_dir, data, method), "train.steps=6"])
+    result = trainer.train(cfg, log=_quiet)
+    assert adapter_format(result.adapter_dir) == {"shira": "peft_shira", "sparta": "sparta"}[method]
+    k = {p: d.k for p, d in result.adapter.deltas.items()}
+    assert list(k) == ["bert.encoder.layer.0.attention.self.query.kernel"]
+    assert k["bert.encoder.layer.0.attention.self.query.kernel"] == (
+        2 * (16 + 16) if method == "shira" else 128
+    )
+    assert sorted(result.adapter.dense) == ["classifier.bias", "classifier.kernel"]
+    assert result.num_trainable == sum(k.values()) + 16 * 2 + 2
+    # the saved adapter is the trained one
+    loaded = load_adapter(result.adapter_dir, model=trainer.prepare(cfg).model)
+    for path, d in result.adapter.deltas.items():
+        order = np.argsort(np.asarray(loaded.deltas[path].indices))
+        np.testing.assert_array_equal(np.asarray(loaded.deltas[path].indices)[order], np.asarray(d.indices))
+        np.testing.assert_allclose(np.asarray(loaded.deltas[path].values)[order], np.asarray(d.values))
+    np.testing.assert_allclose(loaded.dense["classifier.kernel"], result.adapter.dense["classifier.kernel"])
+    with open(os.path.join(result.adapter_dir, "config.json")) as f:
+        assert json.load(f)["id2label"] == {"0": "neg", "1": "pos"}
