@@ -347,6 +347,42 @@ def evaluate(
     return {"loss": nll / tokens, "perplexity": metrics_lib.perplexity(nll, int(tokens))}
 
 
+def evaluate_adapter(cfg: Config, adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """Held-out metrics of the adapter (or full fine-tuned model) in ``adapter_dir`` on ``cfg``'s
+    data; for causal LM also the base model's perplexity (``perplexity_before``)."""
+    from jaxsparse import inference, models
+    from jaxsparse.adapter_io import load_adapter
+
+    prepared = prepare(cfg)
+    model = prepared.model
+    if cfg.task == "seq_cls":
+        saved = inference.adapter_labels(adapter_dir)
+        if saved is not None and [saved[i] for i in sorted(saved)] != list(prepared.label_names):
+            raise ConfigError(
+                f"{adapter_dir}: the adapter's labels {[saved[i] for i in sorted(saved)]} differ from the "
+                f"data's {list(prepared.label_names)} ('data' section)"
+            )
+    if inference.is_full_model(adapter_dir):
+        adapter = full_finetune_adapter(models.from_pretrained(adapter_dir, task=cfg.task).params)
+    else:
+        adapter = load_adapter(adapter_dir, model=model)
+    eval_step = make_eval_step(model, cfg.task)
+    run = functools.partial(
+        evaluate,
+        eval_step,
+        base_params=model.params,
+        arrays=prepared.eval,
+        task=cfg.task,
+        batch_size=cfg.train.eval_batch_size,
+        num_labels=len(prepared.label_names),
+    )
+    metrics: dict[str, Any] = {"examples": data_lib.num_examples(prepared.eval), **run(adapter)}
+    if cfg.task == "causal_lm":
+        before = run(delta_lib.Adapter(deltas={}))
+        metrics["perplexity_before"] = before["perplexity"]
+    return metrics
+
+
 # ----------------------------------------------------------------------------- outputs
 
 

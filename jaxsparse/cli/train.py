@@ -45,7 +45,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_config_args(p)
     p.add_argument("--output", metavar="DIR", help="output directory (overrides the config's 'output')")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output directory")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in the output directory"
+    )
     p.set_defaults(func=run)
 
 
@@ -95,7 +97,9 @@ def summary(result, task: str) -> str:
             f"held-out perplexity: {result.final['perplexity']:.3f}"
             + (f" (before training {before:.3f})" if before is not None else "")
         )
-    lines.append(f"trained {result.num_trainable:,} parameters for {result.steps} steps in {result.seconds:.0f} s")
+    lines.append(
+        f"trained {result.num_trainable:,} parameters for {result.steps} steps in {result.seconds:.0f} s"
+    )
     lines.append(f"adapter: {result.adapter_dir}")
     lines.append(f"plot:    {result.plot_path}")
     lines.append(f"metrics: {result.metrics_path}")

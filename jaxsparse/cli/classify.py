@@ -1,0 +1,69 @@
+"""``jaxsparse classify``: label sentences with a trained classification adapter."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DESCRIPTION = """\
+Classify sentences with the adapter in --adapter DIR (its base model is found from the adapter's
+config). Prints one line per sentence: the predicted label, its probability, and the sentence.
+
+examples:
+  jaxsparse classify --adapter runs/default/adapter "A gorgeous, witty film." "Dull and lifeless."
+  echo "An unexpected delight." | jaxsparse classify --adapter runs/default/adapter -
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "classify",
+        help="classify sentences with a trained adapter",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--adapter", required=True, metavar="DIR", help="adapter directory written by `jaxsparse train`"
+    )
+    p.add_argument("--model", metavar="PATH", help="base model (path or asset name) if not the adapter's own")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object per sentence with all probabilities"
+    )
+    p.add_argument(
+        "sentences", nargs="+", metavar="TEXT", help="sentences to classify ('-' reads lines from stdin)"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    sentences = []
+    for s in args.sentences:
+        if s == "-":
+            sentences.extend(line.rstrip("\n") for line in sys.stdin if line.strip())
+        else:
+            sentences.append(s)
+    from jaxsparse.inference import SequenceClassifier
+
+    try:
+        clf = SequenceClassifier.from_adapter(args.adapter, args.model)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"jaxsparse: {e}", file=sys.stderr)
+        return 2
+    probs = clf.classify(sentences)
+    labels = clf.labels
+    for sentence, row in zip(sentences, probs, strict=True):
+        best = int(row.argmax())
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "text": sentence,
+                        "label": labels[best],
+                        "probabilities": {lab: float(p) for lab, p in zip(labels, row, strict=True)},
+                    }
+                )
+            )
+        else:
+            print(f"{labels[best]}\t{row[best]:.3f}\t{sentence}")
+    return 0

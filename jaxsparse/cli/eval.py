@@ -1,0 +1,51 @@
+"""``jaxsparse eval``: evaluate an adapter on a config's held-out data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from jaxsparse.cli.train import add_config_args, load
+
+DESCRIPTION = """\
+Evaluate the adapter in --adapter DIR on the held-out split of the config's data (the same split
+training used). Classification prints loss, accuracy and macro-F1; causal-LM prints perplexity
+before (base model) and after (with the adapter).
+
+examples:
+  jaxsparse eval --adapter runs/default/adapter
+  jaxsparse eval --config configs/sparta_minilm_bbc_news.yaml --adapter runs/bbc/adapter --json
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate an adapter on a config's held-out data",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_args(p)
+    p.add_argument(
+        "--adapter", required=True, metavar="DIR", help="adapter directory written by `jaxsparse train`"
+    )
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load(args)
+    from jaxsparse.trainer import evaluate_adapter
+
+    try:
+        metrics = evaluate_adapter(cfg, args.adapter)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"jaxsparse: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        for name, value in metrics.items():
+            print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
+    return 0
