@@ -1,0 +1,63 @@
+"""``jaxsparse merge``: write base model + adapter as one Hugging Face checkpoint transformers loads."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+DESCRIPTION = """\
+Merge an adapter (jaxsparse, PEFT SHiRA/LoRA or SpaRTA) into its base model and write a Hugging
+Face checkpoint (config.json + model.safetensors, and the base model's tokenizer when it has one)
+that transformers.AutoModel*.from_pretrained loads with no adapter library. MODEL is a local Hugging
+Face directory or a .gguf file (dequantized on load; the merged checkpoint is full precision).
+A sequence-classification adapter gives a *ForSequenceClassification checkpoint with its head.
+The output directory appears complete or not at all.
+
+examples:
+  jaxsparse merge --model path/to/hf-model --adapter runs/shira/adapter --output merged/
+  jaxsparse merge --model SmolLM2-135M-Instruct.Q4_1.gguf --adapter runs/sparta/adapter --output merged/
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "merge",
+        help="merge an adapter into its base model and write a Hugging Face checkpoint",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model", required=True, metavar="MODEL", help="base model: a local HF directory or a .gguf file"
+    )
+    p.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory")
+    p.add_argument("--output", required=True, metavar="DIR", help="where to write the merged checkpoint")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxsparse.cli.import_adapter import ERRORS, describe, fail, load_base_for_adapter
+
+    try:
+        from jaxsparse import merge
+        from jaxsparse.adapter_io import load_adapter
+        from jaxsparse.atomic import atomic_dir
+        from jaxsparse.models import load_tokenizer, save_pretrained
+
+        model, _ = load_base_for_adapter(args.model, args.adapter, verb="merge")
+        adapter = load_adapter(args.adapter, model=model)
+        merged_params, _ = merge.merge(model.params, adapter)
+        merged = dataclasses.replace(model, params=merged_params)
+        try:
+            tokenizer = load_tokenizer(args.model)
+        except (OSError, ValueError, TypeError):
+            tokenizer = None  # a bare weights directory: nothing to copy
+        with atomic_dir(args.output) as tmp:
+            save_pretrained(merged, tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+    except ERRORS as e:
+        return fail("merge", e)
+    note = "" if tokenizer is not None else " (the base model has no tokenizer to copy)"
+    print(f"merged {describe(adapter)} into {args.model} -> {args.output}{note}", file=sys.stdout)
+    return 0

@@ -1,0 +1,296 @@
+"""`jaxsparse import / export / merge` end to end on tiny models saved as Hugging Face directories.
+
+Every check compares against PyTorch: PEFT's forward, or transformers loading the merged checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from jaxsparse import delta as delta_lib  # noqa: E402
+from jaxsparse.adapter_io import load_adapter, save_adapter  # noqa: E402
+from jaxsparse.cli import main  # noqa: E402
+from jaxsparse.methods import shira  # noqa: E402
+from jaxsparse.models import from_pretrained  # noqa: E402
+
+TOKENS = np.array([[1, 5, 9, 3, 7, 2], [4, 8, 6, 11, 2, 1]])
+MASK = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+
+
+def _logits(model) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(TOKENS), attention_mask=torch.tensor(MASK)).logits.numpy()
+
+
+def _close(a, b):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def _llama(hidden=16):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=hidden,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _bert_cls():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for name, model in [("llama", _llama()), ("llama_wide", _llama(24)), ("bert", _bert_cls())]:
+        model.save_pretrained(root / name)
+        out[name] = root / name
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0
+        )
+    ).eval()
+    gpt2.save_pretrained(root / "gpt2")
+    out["gpt2"] = root / "gpt2"
+    return out
+
+
+def _cli(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+def _peft_save(base, config, out):
+    model = peft.get_peft_model(copy.deepcopy(base), config).eval()
+    model.save_pretrained(str(out))
+    return _logits(model)
+
+
+def test_import_then_merge_peft_lora_classifier(dirs, tmp_path):
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(dirs["bert"])
+    cfg = peft.LoraConfig(
+        task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "value"], init_lora_weights=False
+    )
+    want = _peft_save(base, cfg, tmp_path / "peft")
+    assert (
+        _cli("import", "--adapter", tmp_path / "peft", "--model", dirs["bert"], "--output", tmp_path / "imp")
+        == 0
+    )
+    ours = from_pretrained(dirs["bert"])
+    adapter = load_adapter(tmp_path / "imp", model=ours)
+    _close(
+        np.asarray(
+            ours.apply_fn(delta_lib.apply(ours.params, adapter), jnp.asarray(TOKENS), jnp.asarray(MASK))
+        ),
+        want,
+    )
+
+    assert (
+        _cli("merge", "--model", dirs["bert"], "--adapter", tmp_path / "imp", "--output", tmp_path / "merged")
+        == 0
+    )
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    _close(_logits(merged), want)
+
+
+def test_export_sparta_and_back_to_peft_then_merge(dirs, tmp_path):
+    ours = from_pretrained(dirs["llama"])
+    adapter = shira.init(
+        ours.params, shira.ShiraConfig(r=1, target_modules=["v_proj", "o_proj"], init_weights=False)
+    )
+    want = np.asarray(
+        ours.apply_fn(delta_lib.apply(ours.params, adapter), jnp.asarray(TOKENS), jnp.asarray(MASK))
+    )
+    save_adapter(adapter, tmp_path / "native", model=ours)
+
+    assert (
+        _cli("export", "--adapter", tmp_path / "native", "--format", "sparta", "--output", tmp_path / "sp")
+        == 0
+    )
+    assert (tmp_path / "sp" / "sparse_deltas.safetensors").is_file()
+    args = (
+        "export",
+        "--adapter",
+        tmp_path / "sp",
+        "--format",
+        "peft",
+        "--model",
+        dirs["llama"],
+        "--output",
+        tmp_path / "pf",
+    )
+    assert _cli(*args) == 0
+    base = transformers.AutoModelForCausalLM.from_pretrained(dirs["llama"]).eval()
+    _close(_logits(peft.PeftModel.from_pretrained(base, str(tmp_path / "pf")).eval()), want)
+
+    assert (
+        _cli("merge", "--model", dirs["llama"], "--adapter", tmp_path / "sp", "--output", tmp_path / "merged")
+        == 0
+    )
+    _close(_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()), want)
+
+
+def test_merge_gpt2_lora_fan_in_fan_out(dirs, tmp_path):
+    base = transformers.GPT2LMHeadModel.from_pretrained(dirs["gpt2"]).eval()
+    cfg = peft.LoraConfig(
+        r=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights=False
+    )
+    want = _peft_save(base, cfg, tmp_path / "peft")
+    assert (
+        _cli(
+            "merge", "--model", dirs["gpt2"], "--adapter", tmp_path / "peft", "--output", tmp_path / "merged"
+        )
+        == 0
+    )
+    _close(_logits(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()), want)
+
+
+@pytest.fixture(scope="module")
+def llama_shira(dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shira") / "peft"
+    base = transformers.AutoModelForCausalLM.from_pretrained(dirs["llama"])
+    _peft_save(base, peft.ShiraConfig(r=1, target_modules=["q_proj", "v_proj"], init_weights=False), out)
+    return out
+
+
+def _broken(src, tmp_path, edit_tensors=None, edit_config=None):
+    import shutil
+
+    dst = tmp_path / "broken"
+    shutil.copytree(src, dst)
+    if edit_tensors:
+        tensors = dict(load_file(dst / "adapter_model.safetensors"))
+        edit_tensors(tensors)
+        save_file(tensors, dst / "adapter_model.safetensors", metadata={"format": "pt"})
+    if edit_config:
+        cfg = json.loads((dst / "adapter_config.json").read_text())
+        edit_config(cfg)
+        (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+Q = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+def _rename_layer(t):
+    t[Q.replace("layers.0", "layers.7") + ".shira_weight"] = t.pop(Q + ".shira_weight")
+    t[Q.replace("layers.0", "layers.7") + ".shira_indices"] = t.pop(Q + ".shira_indices")
+
+
+def _out_of_range(t):
+    t[Q + ".shira_indices"] = t[Q + ".shira_indices"].copy()
+    t[Q + ".shira_indices"][1, 0] = 999
+
+
+def _truncate(path):
+    data = (path / "adapter_model.safetensors").read_bytes()
+    (path / "adapter_model.safetensors").write_bytes(data[: len(data) - 7])
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("peft_type", "unsupported peft_type 'IA3'"),
+        ("absent_target", "names no parameter"),
+        ("out_of_range", "out of range"),
+        ("truncated", "corrupt or truncated"),
+        ("other_size", r"on a \(24, 24\) weight"),
+        ("other_architecture", "'llama' model.*'bert'"),
+    ],
+)
+@pytest.mark.parametrize("verb", ["import", "merge"])
+def test_bad_input_is_a_clear_error_and_writes_nothing(
+    dirs, llama_shira, tmp_path, capsys, case, message, verb
+):
+    model = dirs["llama"]
+    adapter = llama_shira
+    if case == "peft_type":
+        adapter = _broken(llama_shira, tmp_path, edit_config=lambda c: c.update(peft_type="IA3"))
+    elif case == "absent_target":
+        adapter = _broken(llama_shira, tmp_path, edit_tensors=_rename_layer)
+    elif case == "out_of_range":
+        adapter = _broken(llama_shira, tmp_path, edit_tensors=_out_of_range)
+    elif case == "truncated":
+        adapter = _broken(llama_shira, tmp_path)
+        _truncate(adapter)
+    elif case == "other_size":
+        model = dirs["llama_wide"]
+    else:
+        model = dirs["bert"]
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("old")
+    code = _cli(verb, "--adapter", adapter, "--model", model, "--output", output)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"jaxsparse {verb}: error:")
+    import re
+
+    assert re.search(message, err), err
+    assert sorted(p.name for p in output.iterdir()) == ["keep.txt"]  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []  # no temp left
+
+
+def test_lora_cannot_be_exported_as_sparta(dirs, tmp_path, capsys):
+    base = transformers.AutoModelForCausalLM.from_pretrained(dirs["llama"])
+    _peft_save(base, peft.LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "lora")
+    code = _cli(
+        "export",
+        "--adapter",
+        tmp_path / "lora",
+        "--format",
+        "sparta",
+        "--model",
+        dirs["llama"],
+        "--output",
+        tmp_path / "o",
+    )
+    assert code == 2 and "not sparse" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_without_model_of_a_peft_lora_asks_for_it(dirs, tmp_path, capsys):
+    base = transformers.AutoModelForCausalLM.from_pretrained(dirs["llama"])
+    _peft_save(base, peft.LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "lora")
+    # PEFT records the local base directory: export finds the model there by itself ...
+    assert _cli("export", "--adapter", tmp_path / "lora", "--format", "peft", "--output", tmp_path / "o") == 0
+    assert json.loads((tmp_path / "o" / "adapter_config.json").read_text())["r"] == 2
+    # ... but a hub name cannot be resolved offline: ask for --model.
+    hub = _broken(
+        tmp_path / "lora", tmp_path, edit_config=lambda c: c.update(base_model_name_or_path="org/not-here")
+    )
+    assert _cli("export", "--adapter", hub, "--format", "peft", "--output", tmp_path / "o2") == 2
+    assert "pass --model" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+
+
+def test_conv1d_sparse_export_to_peft_is_refused(dirs, tmp_path, capsys):
+    ours = from_pretrained(dirs["gpt2"])
+    adapter = shira.init(ours.params, shira.ShiraConfig(r=1, target_modules=["c_attn"]), jax.random.key(0))
+    save_adapter(adapter, tmp_path / "native", model=ours)
+    assert (
+        _cli("export", "--adapter", tmp_path / "native", "--format", "peft", "--output", tmp_path / "o") == 2
+    )
+    assert "Conv1D" in capsys.readouterr().err and not (tmp_path / "o").exists()
