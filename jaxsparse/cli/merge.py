@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
         merged = dataclasses.replace(model, params=merged_params)
         try:
             tokenizer = load_tokenizer(args.model)
-        except (OSError, ValueError, TypeError):
-            tokenizer = None  # a bare weights directory: nothing to copy
+        except (OSError, ValueError, TypeError, KeyError):
+            tokenizer = None  # a bare weights directory (or a GGUF without a vocabulary): nothing to copy
         with atomic_dir(args.output) as tmp:
             save_pretrained(merged, tmp)
             if tokenizer is not None:

@@ -294,3 +294,18 @@ def test_conv1d_sparse_export_to_peft_is_refused(dirs, tmp_path, capsys):
         _cli("export", "--adapter", tmp_path / "native", "--format", "peft", "--output", tmp_path / "o") == 2
     )
     assert "Conv1D" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_merge_from_a_gguf_base(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from tests.models.test_gguf import write_tiny_gguf
+
+    write_tiny_gguf(tmp_path / "tiny.gguf", quant=gguf.GGMLQuantizationType.F32)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf").eval()
+    cfg = peft.LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    want = _peft_save(base, cfg, tmp_path / "peft")
+    code = _cli(
+        "merge", "--model", tmp_path / "tiny.gguf", "--adapter", tmp_path / "peft", "--output", tmp_path / "m"
+    )
+    assert code == 0
+    _close(_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()), want)
