@@ -105,10 +105,10 @@ class TrainConfig:
     schedule: str = "linear"
     warmup_steps: int = 10
     max_grad_norm: float | None = 1.0
-    eval_every: int = 40
+    eval_every: int = 60
     eval_batch_size: int = 64
     log_every: int = 10
-    checkpoint_every: int = 40
+    checkpoint_every: int = 60
     keep_checkpoints: int = 2
     progress: bool = True
 

@@ -243,7 +243,14 @@ def format_info(info: dict[str, Any]) -> str:
         return "\n".join(lines)
     if info.get("r") is not None:
         lines.append(f"r:            {info['r']}")
-    lines.append(f"targets:      {info.get('target_modules')}")
+    targets = info.get("target_modules")
+    if isinstance(targets, list) and len(targets) > 6:
+        # PEFT configs may list every adapted module path: show the distinct module names.
+        names = sorted(
+            {t.rpartition(".")[2] if t.count(".") < 2 else ".".join(t.split(".")[-2:]) for t in targets}
+        )
+        targets = f"{len(targets)} modules: {names}"
+    lines.append(f"targets:      {targets}")
     lines.append(f"layers:       {len(info['layers'])} adapted, k = {info['k_total']:,} entries in all")
     density = info.get("density")
     lines.append(
