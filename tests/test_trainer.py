@@ -279,3 +279,26 @@ def test_sparse_methods_on_tiny_bert_write_their_format(tmp_path, method):
     np.testing.assert_allclose(loaded.dense["classifier.kernel"], result.adapter.dense["classifier.kernel"])
     with open(os.path.join(result.adapter_dir, "config.json")) as f:
         assert json.load(f)["id2label"] == {"0": "neg", "1": "pos"}
+
+
+@pytest.mark.real
+def test_real_default_runs_a_few_steps(tmp_path):
+    """The embedded default (real MiniLM, real Rotten Tomatoes) for a few steps, end to end."""
+    from jaxsparse.inference import SequenceClassifier
+
+    cfg = config_lib.load_config(
+        None,
+        [
+            "train.steps=3",
+            "train.warmup_steps=1",
+            "train.progress=false",
+            "data.max_eval_examples=32",
+            "data.max_length=32",
+            f"output={tmp_path / 'run'}",
+        ],
+    )
+    result = trainer.train(cfg, log=_quiet)
+    assert result.num_trainable == 337_920 + 2 * 384 + 2  # 37 linears at r=8, plus the head
+    assert 0.0 <= result.final["accuracy"] <= 1.0
+    clf = SequenceClassifier.from_adapter(result.adapter_dir)
+    assert clf.labels == ["negative", "positive"] and clf.classify(["fine"]).shape == (1, 2)
