@@ -33,7 +33,7 @@ from typing import Any, Union
 
 import yaml
 
-METHODS = ("shira", "sparta", "full")
+METHODS = ("shira", "sparta", "lora", "full")
 TASKS = ("seq_cls", "causal_lm")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -83,11 +83,12 @@ class DataConfig:
 
 @dataclasses.dataclass
 class AdapterConfig:
-    """Method parameters: ``r`` for SHiRA (k = r * (in + out) per weight), ``density`` for SpaRTA
-    (fraction of entries trained). ``target_modules`` null means the method's default."""
+    """Method parameters: ``r`` for SHiRA (k = r * (in + out) per weight) and LoRA (rank, with
+    ``lora_alpha``), ``density`` for SpaRTA (fraction of entries trained). ``target_modules`` null means the method's default."""
 
     r: int = 8
     density: float = 0.01
+    lora_alpha: float = 16.0
     mask_type: str = "random"
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None

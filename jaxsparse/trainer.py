@@ -145,6 +145,11 @@ def method_config(cfg: Config) -> Any:
         from jaxsparse.methods.shira import ShiraConfig
 
         return ShiraConfig(r=a.r, mask_type=a.mask_type, random_seed=cfg.seed, **common)
+    if cfg.method == "lora":
+        from jaxsparse.methods.lora import LoraConfig
+
+        targets = "all-linear" if a.target_modules is None else a.target_modules
+        return LoraConfig(r=a.r, lora_alpha=a.lora_alpha, **{**common, "target_modules": targets})
     if cfg.method == "sparta":
         from jaxsparse.methods.sparta import SpartaConfig
 
