@@ -41,7 +41,7 @@ def run(method: str, seed: int, steps: int, extra: list[str]) -> dict:
     from jaxsparse import config as config_lib
     from jaxsparse import trainer
 
-    out = HERE / "runs" / f"{method}_seed{seed}"
+    out = HERE.parent / "runs" / "benchmarks" / f"{method}_seed{seed}"
     overrides = [
         *METHODS[method],
         f"seed={seed}",
