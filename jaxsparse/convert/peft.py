@@ -125,8 +125,8 @@ def save_peft(
 ) -> str:
     """Write ``adapter`` in the PEFT layout ``PeftModel.from_pretrained`` loads; returns the format used.
 
-    Low-rank adapters go to PEFT LoRA unchanged; sparse adapters through :func:`to_shira_layout` to
-    PEFT SHiRA. ``model`` (or ``params`` + ``fan_in_fan_out``) validates the adapter first.
+    Low-rank adapters go to PEFT LoRA unchanged; sparse adapters to PEFT SHiRA, whose writer
+    (:func:`jaxsparse.convert.peft_shira.save_peft_shira`) pads or refuses via :func:`to_shira_layout`. ``model`` (or ``params`` + ``fan_in_fan_out``) validates the adapter first.
     """
     from jaxsparse.adapter_io import save_adapter
 
@@ -134,8 +134,6 @@ def save_peft(
     if fan_in_fan_out is None and model is not None:
         fan_in_fan_out = tuple(model.fan_in_fan_out)
     fan_in_fan_out = tuple(fan_in_fan_out or ())
-    if fmt == "peft_shira":
-        adapter = to_shira_layout(adapter, fan_in_fan_out=fan_in_fan_out)
     return save_adapter(
         adapter,
         out_dir,

@@ -54,6 +54,7 @@ from jaxsparse.convert import (
     to_hf_coords,
     write_safetensors_bytes,
 )
+from jaxsparse.convert.peft import to_shira_layout
 from jaxsparse.delta import Adapter, SparseDelta
 from jaxsparse.methods.shira import ShiraConfig
 from jaxsparse.models import naming
@@ -101,7 +102,10 @@ def _module_list(value: Any) -> list[str] | str | None:
 
 
 def peft_shira_config(adapter: Adapter, *, base_model_name_or_path: str | None = None) -> dict[str, Any]:
-    """The ``adapter_config.json`` PEFT writes for this adapter (same keys, same value types)."""
+    """The ``adapter_config.json`` PEFT writes for this adapter (same keys, same value types).
+
+    ``adapter`` must already have PEFT's layout (:func:`jaxsparse.convert.peft.to_shira_layout`).
+    """
     config = adapter.config if isinstance(adapter.config, ShiraConfig) else ShiraConfig()
     modules = sorted({tree_lib.module_of(p) for p in adapter.deltas})
     # PEFT has no exclude_modules for SHiRA and its default target differs from ours: when the
@@ -160,9 +164,13 @@ def save_peft_shira(
 ) -> None:
     """Write ``adapter`` as a PEFT SHiRA directory (``PeftModel.from_pretrained`` loads it).
 
-    ``fan_in_fan_out``: the base model's modules stored (in, out) in Hugging Face
-    (``Model.fan_in_fan_out``). The directory appears complete or not at all.
+    Any sparse adapter goes through :func:`jaxsparse.convert.peft.to_shira_layout` first: modules
+    whose k is not ``r * (in + out)`` are padded with zero-valued entries, and what PEFT cannot load
+    (a delta on a GPT-2 ``Conv1D``, a module too small for the common ``r``) is refused before
+    anything is written. ``fan_in_fan_out``: the base model's modules stored (in, out) in Hugging
+    Face (``Model.fan_in_fan_out``). The directory appears complete or not at all.
     """
+    adapter = to_shira_layout(adapter, fan_in_fan_out=fan_in_fan_out)
     config = peft_shira_config(adapter, base_model_name_or_path=base_model_name_or_path)
     tensors, layout = shira_state_dict(adapter, fan_in_fan_out=fan_in_fan_out)
     data = write_safetensors_bytes(tensors, layout_metadata(layout))

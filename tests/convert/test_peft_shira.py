@@ -187,13 +187,27 @@ def test_round_trip_is_exact(tmp_path):
     ).read_text()
 
 
-def test_write_refuses_what_peft_cannot_load(tmp_path):
-    params = params_from_torch(tiny_bert())
-    adapter = random_shira_adapter(params, TARGETS, r=1, head=False)
+def test_write_pads_to_peft_layout_or_refuses(tmp_path):
+    """k not r * (in + out): zero-padded so PEFT loads it with the same outputs; Conv1D: refused, nothing written."""
+    base = tiny_bert()
+    params = params_from_torch(base)
+    adapter = random_shira_adapter(params, TARGETS, r=1)
     d = adapter.deltas[TARGETS[0]]
-    odd = Adapter({TARGETS[0]: SparseDelta(d.indices[:-1], d.values[:-1], d.shape)}, config=adapter.config)
-    with pytest.raises(ValueError, match=r"r \* \(in \+ out\)"):
-        save_peft_shira(odd, tmp_path / "x")
+    odd = Adapter(
+        {TARGETS[0]: SparseDelta(d.indices[:-1], d.values[:-1], d.shape)}, adapter.dense, config=adapter.config
+    )
+    save_peft_shira(odd, tmp_path / "padded")
+    tensors = load_file(tmp_path / "padded" / "adapter_model.safetensors")
+    assert tensors[Q + ".shira_weight"].shape == (32,) and np.count_nonzero(tensors[Q + ".shira_weight"]) == 31
+    pm = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "padded").eval()
+    with torch.no_grad():
+        merged = pm.merge_and_unload().state_dict()
+    key, _ = hf_key(TARGETS[0])
+    expected = np.asarray(tree_lib.get_leaf(apply(params, odd), TARGETS[0])).T
+    np.testing.assert_array_equal(merged[key].numpy(), expected)
+
+    with pytest.raises(ValueError, match=r"Conv1D.*only torch\.nn\.Linear"):
+        save_peft_shira(odd, tmp_path / "x", fan_in_fan_out=["query"])
     assert not (tmp_path / "x").exists()
 
 
