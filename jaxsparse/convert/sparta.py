@@ -12,13 +12,14 @@ Confirmed by reading IBM/SpaRTA's ``peft_sparta`` (``sparta.py``: ``SpaRTA.save(
   possibly empty, for every parameter). Merge rule: ``param[idx] = (param[idx].float() + delta).to(dtype)``.
   Older adapters ship a torch pickle ``sparse_deltas.pt`` holding ``{"indices": {...}, "deltas": {...}}``;
   we load it only through ``torch.load(weights_only=True)``.
-- A classification head ``score.weight`` is trained in full from ``head_init.pt`` (its initial value):
-  the head is ``head_init + deltas["score.weight"].view(num_labels, hidden)``.
+- A classification head ``score.weight`` is trained in full from its initial value, saved beside the
+  deltas as ``head_init.safetensors`` (key ``head``) or, in older adapters, ``head_init.pt``: the head
+  is ``head_init + deltas["score.weight"].view(num_labels, hidden)``.
 
 Our additions, ignored by the authors' code: ``sparta_modules_to_save`` in ``config.json`` lists the
-parameters trained densely (their delta is over a zero initial value unless ``head_init.pt`` exists;
-we write ``head_init.pt`` zeros for ``score.weight`` when torch is installed, so the authors' classifier
-loader gets the exact head); ``jaxsparse_sparta_config`` holds our :class:`SpartaConfig`; the
+parameters trained densely (their delta is over a zero initial value unless a head init exists;
+we write ``head_init.safetensors`` zeros for ``score.weight``, so the authors' classifier loader gets
+the exact head and export needs no torch); ``jaxsparse_sparta_config`` holds our :class:`SpartaConfig`; the
 safetensors metadata records each weight's shape so our files load without the base model.
 
 Example:
@@ -70,7 +71,9 @@ PyTree = Any
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "sparse_deltas.safetensors"
 PICKLE_NAME = "sparse_deltas.pt"
-HEAD_INIT_NAME = "head_init.pt"
+HEAD_INIT_NAME = "head_init.safetensors"
+HEAD_INIT_KEY = "head"
+HEAD_INIT_PICKLE = "head_init.pt"
 HEAD_NAME = "score.weight"
 BASE_KEY = "sparta_pretrained_model"
 DENSE_KEY = "sparta_modules_to_save"
@@ -165,13 +168,10 @@ def save_sparta(
         atomic_write_text(os.path.join(tmp, CONFIG_NAME), json.dumps(out, indent=2, sort_keys=True) + "\n")
         atomic_write_bytes(os.path.join(tmp, WEIGHTS_NAME), data)
         if HEAD_NAME in dense_names:
-            try:
-                import torch
-            except ImportError:  # the authors' classifier loader needs it; ours does not
-                torch = None
-            if torch is not None:
-                shape = tensors[f"indices.{HEAD_NAME}"].max(axis=0) + 1
-                torch.save(torch.zeros(tuple(int(s) for s in shape)), os.path.join(tmp, HEAD_INIT_NAME))
+            # Our head delta is over a zero init; the authors' classifier loader adds head_init back.
+            shape = tuple(int(s) for s in tensors[f"indices.{HEAD_NAME}"].max(axis=0) + 1)
+            head = write_safetensors_bytes({HEAD_INIT_KEY: np.zeros(shape, np.float32)}, {"format": "pt"})
+            atomic_write_bytes(os.path.join(tmp, HEAD_INIT_NAME), head)
 
 
 def _torch_load(path: str) -> Any:
@@ -223,6 +223,23 @@ def _read_deltas(
     raise AdapterFormatError(f"{adapter_dir}: no {WEIGHTS_NAME} or {PICKLE_NAME} (not a SpaRTA adapter)")
 
 
+def _read_head_init(adapter_dir: str) -> tuple[np.ndarray | None, str]:
+    """The initial classifier head (``head_init.safetensors`` key ``head``, else ``head_init.pt``)."""
+    st_path = os.path.join(adapter_dir, HEAD_INIT_NAME)
+    pt_path = os.path.join(adapter_dir, HEAD_INIT_PICKLE)
+    if os.path.isfile(st_path):
+        tensors, _ = read_safetensors(st_path)
+        if HEAD_INIT_KEY not in tensors:
+            raise AdapterFormatError(f"{st_path}: no {HEAD_INIT_KEY!r} tensor (found {sorted(tensors)})")
+        return check_dense(tensors[HEAD_INIT_KEY], f"{st_path}: {HEAD_INIT_KEY}").astype(np.float32), st_path
+    if os.path.isfile(pt_path):
+        value = _torch_load(pt_path)
+        if not hasattr(value, "float"):
+            raise AdapterFormatError(f"{pt_path}: expected a tensor, got {type(value).__name__}")
+        return np.asarray(value.float().numpy()), pt_path
+    return None, st_path
+
+
 def load_sparta(
     adapter_dir: str | os.PathLike, params: PyTree | None = None, *, fan_in_fan_out: Sequence[str] = ()
 ) -> Adapter:
@@ -244,10 +261,7 @@ def load_sparta(
         raise AdapterFormatError(
             f"{source}: '{missing}.{name}' missing (every parameter needs indices and deltas)"
         )
-    head_init = None
-    head_path = os.path.join(adapter_dir, HEAD_INIT_NAME)
-    if os.path.isfile(head_path):
-        head_init = np.asarray(_torch_load(head_path).float().numpy())
+    head_init, head_path = _read_head_init(adapter_dir)
     dense_names = set(raw.get(DENSE_KEY) or ()) | ({HEAD_NAME} if head_init is not None else set())
 
     sparse_out: dict[str, SparseDelta] = {}

@@ -239,3 +239,36 @@ def test_write_is_atomic_on_bad_adapter(tmp_path):
     with pytest.raises(ValueError, match=r"model\.norm\.scale"):
         save_sparta(bad, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_head_init_is_safetensors_and_needs_no_torch(tmp_path, monkeypatch):
+    """The head init is written as head_init.safetensors (key 'head', zeros); no torch import on export."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch blocked by the test")
+        return real_import(name, *args, **kwargs)
+
+    params = tiny_params()
+    adapter = sparta_adapter(params)
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    save_sparta(adapter, tmp_path / "a", base_model_name_or_path="b")
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "config.json", "head_init.safetensors", "sparse_deltas.safetensors",
+    ]  # fmt: skip
+    head = load_file(tmp_path / "a" / "head_init.safetensors")
+    assert list(head) == ["head"] and head["head"].shape == (L, H) and not head["head"].any()
+    assert_same_adapter(adapter, load_sparta(tmp_path / "a", params))
+
+    # an authors'-style non-zero head init: the head is head_init + delta (HF layout (out, in))
+    init = np.random.default_rng(7).normal(size=(L, H)).astype(np.float32)
+    save_file({"head": init}, tmp_path / "a" / "head_init.safetensors")
+    back = load_sparta(tmp_path / "a", params)
+    np.testing.assert_array_equal(np.asarray(back.dense["score.kernel"]), np.asarray(adapter.dense["score.kernel"]) + init.T)
+    save_file({"other": init}, tmp_path / "a" / "head_init.safetensors")
+    with pytest.raises(AdapterFormatError, match=r"head_init\.safetensors: no 'head' tensor"):
+        load_sparta(tmp_path / "a", params)
