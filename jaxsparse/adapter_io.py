@@ -35,7 +35,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from jaxsparse.convert import AdapterFormatError, read_json
+from jaxsparse.convert import DIFFERENT_BASE_HINT, AdapterFormatError, read_json
 from jaxsparse.delta import Adapter
 
 PyTree = Any
@@ -193,6 +193,6 @@ def load_adapter(
             merge.validate(params, adapter)
         except ValueError as e:
             raise AdapterFormatError(
-                f"{os.fspath(adapter_dir)}: adapter does not fit the model: {e}"
+                f"{os.fspath(adapter_dir)}: adapter does not fit the model {DIFFERENT_BASE_HINT}: {e}"
             ) from None
     return adapter

@@ -31,6 +31,11 @@ class AdapterFormatError(ValueError):
     """An adapter directory or file is not what its format requires (the message names file and key)."""
 
 
+# Appended to errors where the adapter's sizes disagree with the base model's: by far the most
+# common cause is loading an adapter into another checkpoint than the one it was trained on.
+DIFFERENT_BASE_HINT = "(adapter made for a different base model?)"
+
+
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """``(tensors, metadata)`` of a ``.safetensors`` file; missing/truncated/corrupt files name the path."""
     path = os.fspath(path)
@@ -136,7 +141,7 @@ def from_hf_coords(
         if bad.size:
             raise AdapterFormatError(
                 f"{where}: index out of range: entry {int(bad[0])} has coordinate {int(col[bad[0]])} on axis "
-                f"{axis}, expected 0 <= i < {size} (tensor shape {target})"
+                f"{axis}, expected 0 <= i < {size} (tensor shape {target}) {DIFFERENT_BASE_HINT}"
             )
     theirs = tuple(coords[:, a] for a in range(len(target)))
     ours = tuple(reversed(theirs)) if transposed else theirs
@@ -234,7 +239,7 @@ def resolve_param(
         if recorded is not None and tuple(recorded["shape"]) != shape:
             raise AdapterFormatError(
                 f"{where}: adapter was made for {path!r} of shape {tuple(recorded['shape'])}, "
-                f"the model's is {shape} (an adapter for a different base model?)"
+                f"the model's is {shape} {DIFFERENT_BASE_HINT}"
             )
         return path, shape, naming.hf_key(path, fan_in_fan_out=fan_in_fan_out)[1]
     if recorded is None:

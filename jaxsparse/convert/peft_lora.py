@@ -40,6 +40,7 @@ import numpy as np
 from jaxsparse import tree as tree_lib
 from jaxsparse.atomic import atomic_dir, atomic_write_bytes, atomic_write_text
 from jaxsparse.convert import (
+    DIFFERENT_BASE_HINT,
     AdapterFormatError,
     check_dense,
     read_json,
@@ -401,7 +402,7 @@ def load_peft_lora(
             raise AdapterFormatError(
                 f"{weights_path}: {module!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
                 f"expected ({r}, {fan_in}) and ({fan_out}, {r}) for r={r} and the base weight "
-                f"(out={fan_out}, in={fan_in})"
+                f"(out={fan_out}, in={fan_in}) {DIFFERENT_BASE_HINT}"
             )
         a = check_dense(a, f"{weights_path}: {KEY_PREFIX}{module}.lora_A.weight")
         b = check_dense(b, f"{weights_path}: {KEY_PREFIX}{module}.lora_B.weight")
@@ -414,7 +415,7 @@ def load_peft_lora(
         extra, absent = sorted(found - expected), sorted(expected - found)
         raise AdapterFormatError(
             f"{adapter_dir}: the adapter's LoRA modules differ from what target_modules selects in the base "
-            f"model (adapter for a different base model?): only in the file {extra[:4]}, only in the model {absent[:4]}"
+            f"model {DIFFERENT_BASE_HINT}: only in the file {extra[:4]}, only in the model {absent[:4]}"
         )
 
     dense: dict[str, Any] = {}
@@ -431,7 +432,8 @@ def load_peft_lora(
         if tuple(value.shape) != tuple(leaves[path].shape):
             raise AdapterFormatError(
                 f"{weights_path}: {KEY_PREFIX + key!r} has shape {tuple(array.shape)}; the base model's "
-                f"{path!r} needs {tuple(leaves[path].shape)}{' (transposed)' if transposed else ''}"
+                f"{path!r} needs {tuple(leaves[path].shape)}{' (transposed)' if transposed else ''} "
+                f"{DIFFERENT_BASE_HINT}"
             )
         dense[path] = jnp.asarray(check_dense(value, f"{weights_path}: {KEY_PREFIX}{key}"))
     allowed = set(dense_paths_for_check(params, config, expected))

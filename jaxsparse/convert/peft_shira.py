@@ -41,6 +41,7 @@ import numpy as np
 from jaxsparse import tree as tree_lib
 from jaxsparse.atomic import atomic_dir, atomic_write_bytes, atomic_write_text
 from jaxsparse.convert import (
+    DIFFERENT_BASE_HINT,
     AdapterFormatError,
     check_dense,
     check_values,
@@ -254,7 +255,7 @@ def load_peft_shira(
         if pairs.shape[1] != expected_k:
             raise AdapterFormatError(
                 f"{where}: {pairs.shape[1]} entries, but PEFT SHiRA with r={config.r} on a {shape} weight "
-                f"has r * (in + out) = {expected_k}"
+                f"has r * (in + out) = {expected_k} {DIFFERENT_BASE_HINT}"
             )
         deltas[path] = SparseDelta(jnp.asarray(flat), jnp.asarray(values[order]), shape)
 
@@ -269,7 +270,7 @@ def load_peft_shira(
         if value.shape != shape:
             raise AdapterFormatError(
                 f"{where}: expected shape {tuple(reversed(shape)) if transposed else shape}, "
-                f"got {tensors[PREFIX + name].shape}"
+                f"got {tensors[PREFIX + name].shape} {DIFFERENT_BASE_HINT}"
             )
         dense[path] = jnp.asarray(value)
     return Adapter(deltas, dense, config=config)

@@ -49,6 +49,7 @@ import numpy as np
 from jaxsparse import tree as tree_lib
 from jaxsparse.atomic import atomic_dir, atomic_write_bytes, atomic_write_text
 from jaxsparse.convert import (
+    DIFFERENT_BASE_HINT,
     AdapterFormatError,
     check_dense,
     check_values,
@@ -280,13 +281,15 @@ def load_sparta(
             numel = int(np.prod(shape))
             if flat.size != numel:
                 raise AdapterFormatError(
-                    f"{where}: trained densely ({DENSE_KEY}) but has {flat.size} of {numel} entries"
+                    f"{where}: trained densely ({DENSE_KEY}) but has {flat.size} of {numel} entries "
+                    f"{DIFFERENT_BASE_HINT}"
                 )
             init = np.zeros(numel, np.float32)
             if name == HEAD_NAME and head_init is not None:
                 if head_init.shape != hf_shape(shape, transposed):
                     raise AdapterFormatError(
-                        f"{head_path}: shape {head_init.shape}, expected {hf_shape(shape, transposed)} for {name}"
+                        f"{head_path}: shape {head_init.shape}, expected {hf_shape(shape, transposed)} for {name} "
+                        f"{DIFFERENT_BASE_HINT}"
                     )
                 init = (head_init.T if transposed else head_init).reshape(-1).astype(np.float32)
             dense_out[path] = jnp.asarray(

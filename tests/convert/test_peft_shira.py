@@ -291,3 +291,13 @@ def test_wrong_base_model_shape(tmp_path):
     other = params_from_torch(transformers.BertForSequenceClassification(cfg))
     with pytest.raises(AdapterFormatError, match="different base model"):
         load_peft_shira(dst, other)
+
+
+def test_peft_written_file_into_other_base_gets_the_hint(peft_dir):
+    """PEFT's files record no shapes: the size mismatch shows up as k or a head shape, with the hint."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, num_labels=3)  # fmt: skip
+    other = params_from_torch(transformers.BertForSequenceClassification(cfg))
+    with pytest.raises(AdapterFormatError, match=r"r \* \(in \+ out\) = 64 \(adapter made for a different base"):
+        load_peft_shira(peft_dir[0], other)
