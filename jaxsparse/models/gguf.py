@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxsparse.models import llama  # noqa: F401  (registers the architectures)
 from jaxsparse.models.base import Model
-from jaxsparse.models.hub import CheckpointError, _set_labels, from_state_dict
+from jaxsparse.models.hub import CheckpointError, set_labels, from_state_dict
 
 # GGUF architecture -> (transformers model_type, whether q/k rows carry llama.cpp's rope permutation)
 SUPPORTED_ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
@@ -208,7 +208,7 @@ def load_gguf(
     config, state = read_gguf(path)
     if task is None:
         task = "seq_cls" if (num_labels is not None or id2label is not None) else "causal_lm"
-    _set_labels(config, num_labels, id2label)
+    set_labels(config, num_labels, id2label)
     if task != "causal_lm":
         state.pop("lm_head.weight", None)
     return from_state_dict(config, state, task=task, dtype=dtype, seed=seed, source=str(path))

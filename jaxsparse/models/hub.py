@@ -3,7 +3,8 @@
 Every loader goes through :func:`from_state_dict`, which maps checkpoint keys to our parameter paths
 with the one rule of :mod:`jaxsparse.models.naming`, adds or strips the base-model prefix like
 transformers (a ``BertModel`` checkpoint loads as a sequence classifier, with a fresh head), drops
-tied copies (``lm_head.weight``) and known buffers, and refuses anything else that does not fit,
+tied copies (``lm_head.weight`` when ``tie_word_embeddings``; an untied head only when the task has
+none, with a warning) and known buffers, and refuses anything else that does not fit,
 naming the keys.
 
 Example (a tiny random BERT, saved and loaded back):
@@ -188,7 +189,8 @@ def task_from_class_name(name: str) -> str:
     return "base"
 
 
-def _set_labels(config: Any, num_labels: int | None, id2label: Mapping[Any, str] | None) -> None:
+def set_labels(config: Any, num_labels: int | None, id2label: Mapping[Any, str] | None) -> None:
+    """Set ``id2label``/``label2id`` and ``num_labels`` on a transformers config, checking they agree."""
     if id2label is not None:
         id2label = {int(k): str(v) for k, v in id2label.items()}
         if sorted(id2label) != list(range(len(id2label))):
@@ -273,6 +275,7 @@ def from_state_dict(
     apply_fn, abstract = arch.build(config, task, dtype)
     expected = _expected_keys(arch, abstract)
     prefix = arch.base_model_prefix + "." if arch.base_model_prefix else ""
+    tied = bool(getattr(config, "tie_word_embeddings", True))
 
     ignore = [re.compile(p) for p in (*COMMON_IGNORED_KEYS, *arch.ignore_keys)]
     state = {k: v for k, v in state_dict.items() if not any(p.search(k) for p in ignore)}
@@ -283,7 +286,7 @@ def from_state_dict(
         state = {(k if k in expected else prefix + k): v for k, v in state.items()}
     elif prefix and ckpt_prefixed and not model_prefixed:
         dropped = [k for k in state if not k.startswith(prefix)]
-        dropped_real = [k for k in dropped if k not in arch.tied]
+        dropped_real = [k for k in dropped if not (k in arch.tied and tied)]
         if dropped_real:
             warnings.warn(
                 f"{source}: loading as task {task!r} drops the head keys {_listing(dropped_real)}",
@@ -291,9 +294,14 @@ def from_state_dict(
             )
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
-    # A tied copy (lm_head.weight) is not a parameter of ours when the head reads the embedding.
+    # A tied copy (lm_head.weight) is not a parameter of ours when the head reads the embedding. An
+    # untied head is a real weight: it is only dropped for a task without an LM head, and said so.
     for key, target in arch.tied.items():
         if key in state and key not in expected and target in expected:
+            if not tied:
+                warnings.warn(
+                    f"{source}: loading as task {task!r} drops the untied head key {key!r}", stacklevel=2
+                )
             del state[key]
 
     unexpected = sorted(set(state) - set(expected))
@@ -421,7 +429,7 @@ def from_pretrained(
         task = task_from_class_name(names[0]) if names else "base"
         if num_labels is not None or id2label is not None:
             task = "seq_cls"
-    _set_labels(config, num_labels, id2label)
+    set_labels(config, num_labels, id2label)
     state = read_checkpoint(path)
     return from_state_dict(config, state, task=task, dtype=dtype, seed=seed, source=str(path))
 

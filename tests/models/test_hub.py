@@ -93,10 +93,10 @@ def test_prefixed_checkpoint_loads_as_base_dropping_head_with_warning(config):
 def test_config_dict_and_labels(config, state):
     model = models.from_state_dict(config.to_dict(), state, task="seq_cls")
     assert model.config.model_type == "bert" and model.params["classifier"]["kernel"].shape == (16, 2)
-    hub._set_labels(model.config, None, {"0": "a", "1": "b", "2": "c"})
+    hub.set_labels(model.config, None, {"0": "a", "1": "b", "2": "c"})
     assert model.config.num_labels == 3 and model.config.label2id == {"a": 0, "b": 1, "c": 2}
     with pytest.raises(ValueError, match=r"0\.\.n-1"):
-        hub._set_labels(model.config, None, {1: "a"})
+        hub.set_labels(model.config, None, {1: "a"})
 
 
 def test_missing_key_is_named(config, state):

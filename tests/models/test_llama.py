@@ -202,3 +202,26 @@ def test_causal_lm_directory_loads_as_base_and_seq_cls(tmp_path, mixed_padding, 
     assert np.abs(our_output(base, ids, mask)[keep] - ref[keep]).max() <= 1e-5
     cls = models.from_pretrained(tmp_path / "lm", num_labels=5)
     assert cls.task == "seq_cls" and our_output(cls, ids, mask).shape == (3, 5)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_lm_head_dropped_only_when_tied_or_said(tie):
+    """An untied lm_head.weight is a real weight: a causal LM keeps it; base/seq_cls drop it with a warning."""
+    import warnings
+
+    config = make_config("llama", tie_word_embeddings=tie)
+    tm = random_torch_model(transformers.AutoModelForCausalLM, config, seed=5)
+    state = {k: v for k, v in tm.state_dict().items()}
+    state["lm_head.weight"] = state["lm_head.weight"].clone()  # present in the file either way
+    lm = models.from_state_dict(config, state, task="causal_lm")
+    assert ("lm_head" in lm.params) == (not tie)
+    if not tie:
+        np.testing.assert_array_equal(
+            np.asarray(lm.params["lm_head"]["kernel"]).T, state["lm_head.weight"].numpy()
+        )
+    for task in ("base", "seq_cls"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            models.from_state_dict(config, state, task=task)
+        said = [str(w.message) for w in caught if "lm_head.weight" in str(w.message)]
+        assert bool(said) == (not tie), (task, said)
