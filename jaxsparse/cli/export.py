@@ -65,7 +65,7 @@ def recorded_fan_in_fan_out(adapter_dir: str) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxsparse.cli.import_adapter import ERRORS, describe, fail, load_base_for_adapter
+    from jaxsparse.cli.common import ERRORS, describe, fail, load_base_for_adapter
 
     try:
         from jaxsparse.adapter_io import load_adapter, save_adapter

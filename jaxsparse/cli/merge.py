@@ -36,7 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxsparse.cli.import_adapter import ERRORS, describe, fail, load_base_for_adapter
+    from jaxsparse.cli.common import ERRORS, describe, fail, load_base_for_adapter
 
     try:
         from jaxsparse import merge

@@ -289,7 +289,11 @@ def test_export_without_model_of_a_peft_lora_asks_for_it(dirs, tmp_path, capsys)
 def test_conv1d_sparse_export_to_peft_is_refused(dirs, tmp_path, capsys):
     ours = from_pretrained(dirs["gpt2"])
     adapter = shira.init(ours.params, shira.ShiraConfig(r=1, target_modules=["c_attn"]), jax.random.key(0))
-    save_adapter(adapter, tmp_path / "native", model=ours)
+    # SHiRA's native format is PEFT SHiRA, which cannot hold Conv1D deltas: refused, nothing written
+    with pytest.raises(ValueError, match="Conv1D"):
+        save_adapter(adapter, tmp_path / "refused", model=ours)
+    assert not (tmp_path / "refused").exists()
+    save_adapter(adapter, tmp_path / "native", model=ours, format="sparta")
     assert (
         _cli("export", "--adapter", tmp_path / "native", "--format", "peft", "--output", tmp_path / "o") == 2
     )
