@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
+import common
 
 OPS = ("merge", "switch", "unmerge")
 
@@ -89,7 +89,9 @@ def _max_diff_trees(a: object, b: object, paths: list[str]) -> float:
     return max(float(np.abs(np.asarray(get_leaf(a, p)) - np.asarray(get_leaf(b, p))).max()) for p in paths)
 
 
-def bench_one(model_name: str, torch_base: object, ours: object, targets: list[str], r: int, repeats: int) -> dict:
+def bench_one(
+    model_name: str, torch_base: object, ours: object, targets: list[str], r: int, repeats: int
+) -> dict:
     import jax
     import numpy as np
     import peft
@@ -101,7 +103,9 @@ def bench_one(model_name: str, torch_base: object, ours: object, targets: list[s
 
     base = copy.deepcopy(torch_base)
     pm = peft.get_peft_model(
-        base, peft.ShiraConfig(r=r, target_modules=targets, init_weights=False, random_seed=1), adapter_name="one"
+        base,
+        peft.ShiraConfig(r=r, target_modules=targets, init_weights=False, random_seed=1),
+        adapter_name="one",
     )
     pm.add_adapter("two", peft.ShiraConfig(r=r, target_modules=targets, init_weights=False, random_seed=2))
     pm.eval()
@@ -124,8 +128,7 @@ def bench_one(model_name: str, torch_base: object, ours: object, targets: list[s
         pm.unmerge_adapter()
     after_torch = _torch_weights(pm)
     torch_unmerge_err = max(
-        float((after_torch[hf] - original_torch[hf]).abs().max())
-        for hf in {hf_key(p)[0] for p in paths}
+        float((after_torch[hf] - original_torch[hf]).abs().max()) for hf in {hf_key(p)[0] for p in paths}
     )
     ours_unmerge_err = _max_diff_trees(merge.unmerge(merged_ours, a, saved), original_ours, paths)
     del merged_ours, saved, original_torch, after_torch
@@ -221,7 +224,9 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--models", nargs="+", default=["minilm", "smollm2"], choices=["minilm", "smollm2"])
     ap.add_argument("--ranks", nargs="+", type=int, default=[8, 32])
     ap.add_argument("--repeats", type=int, default=10, help="timed rounds (after one warm-up round)")
@@ -233,7 +238,12 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    record = {"machine_before": common.machine(), "threads": args.threads, "repeats": args.repeats, "results": []}
+    record = {
+        "machine_before": common.machine(),
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "results": [],
+    }
     print(common.load_line(record["machine_before"]), file=sys.stderr)
     for name in args.models:
         torch_model, ours, targets = load_models(name)

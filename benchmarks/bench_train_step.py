@@ -1,0 +1,254 @@
+"""Training-step time on real MiniLM sequence classification: jaxsparse vs PyTorch (PEFT), side by side.
+
+Contenders (all AdamW, lr 1e-4, weight decay 0.01, the same real Rotten Tomatoes batch, the 2-way
+classifier head trained in every configuration):
+
+- ``jax-shira``: ``jaxsparse.methods.shira.init`` r=8 on every body linear (37 weights, k = r*(in+out)),
+- ``jax-sparta``: ``jaxsparse.methods.sparta.init`` on the same weights at SHiRA r=8's density (k / numel),
+- ``jax-lora``, ``jax-full``: jaxsparse LoRA r=8 (alpha 16) and full fine-tuning (for reference),
+- ``peft-shira``, ``peft-lora``: PEFT ``ShiraConfig(r=8)`` / ``LoraConfig(r=8, lora_alpha=16)`` on
+  ``query, key, value, dense`` (the same 37 weights), ``task_type="SEQ_CLS"``,
+- ``torch-full``: every parameter of the transformers model.
+
+jaxsparse steps come from ``jaxsparse.train.make_train_step`` / ``init_train_state`` (jitted, state
+donated); torch runs eagerly with ``torch.set_num_threads(2)``. Dropout is off in torch because our
+BERT has none (same computation). Steps are interleaved (one step of each contender per round) after
+warm-up; the first step (compile for JAX) is reported separately. Trainable parameter counts and
+optimizer state bytes are recorded too (see bench_memory.py for peak RSS).
+
+    python benchmarks/bench_train_step.py                               # 16x64 and 16x128, all contenders
+    python benchmarks/bench_train_step.py --seq-lens 64 --steps 5 --methods jax-shira peft-shira
+
+Writes benchmarks/results/train_step.json and benchmarks/plots/train_step.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+
+JAX_METHODS = ("jax-shira", "jax-sparta", "jax-lora", "jax-full")
+TORCH_METHODS = ("peft-shira", "peft-lora", "torch-full")
+METHODS = JAX_METHODS + TORCH_METHODS
+R = 8
+LR = 1e-4
+WEIGHT_DECAY = 0.01
+PEFT_TARGETS = ["query", "key", "value", "dense"]
+
+
+class Contender:
+    """One configuration ready to step: ``step()`` runs one optimizer step and blocks until done."""
+
+    def __init__(self, step: Callable[[], float], trainable: int, opt_state_bytes: Callable[[], int]):
+        self.step = step
+        self.trainable = trainable
+        self.opt_state_bytes = opt_state_bytes
+
+
+def build_jax(method: str, batch: dict[str, Any]) -> Contender:
+    """A jaxsparse contender on MiniLM seq_cls: adapter, AdamW state and jitted donated train step."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from jaxsparse import models
+    from jaxsparse.delta import Adapter, trainable
+    from jaxsparse.methods import lora, shira, sparta
+    from jaxsparse.train import init_train_state, make_train_step
+    from jaxsparse.tree import leaf_paths
+
+    model = models.from_pretrained(common.minilm_dir(), task="seq_cls", num_labels=2)
+    params = model.params
+    head = ["classifier"]
+    key = jax.random.key(0)
+    shira_adapter = shira.init(
+        params, shira.ShiraConfig(r=R, random_seed=0, target_modules=PEFT_TARGETS, modules_to_save=head), key
+    )
+    if method == "jax-shira":
+        adapter = shira_adapter
+    elif method == "jax-sparta":
+        k = sum(d.k for d in shira_adapter.deltas.values())
+        numel = sum(int(np.prod(d.shape)) for d in shira_adapter.deltas.values())
+        adapter = sparta.init(
+            params,
+            sparta.SpartaConfig(density=k / numel, seed=0, target_modules=PEFT_TARGETS, modules_to_save=head),
+            key,
+        )
+    elif method == "jax-lora":
+        adapter = lora.init(
+            params,
+            lora.LoraConfig(r=R, lora_alpha=2 * R, target_modules=PEFT_TARGETS, modules_to_save=head),
+            key,
+        )
+    elif method == "jax-full":
+        # every float leaf trains, as a dense replacement (what `jaxsparse train method=full` does)
+        adapter = Adapter(
+            deltas={}, dense={p: x for p, x in leaf_paths(params).items() if x.dtype.kind == "f"}
+        )
+    else:
+        raise ValueError(f"unknown jax method {method!r}; choose from {JAX_METHODS}")
+    del shira_adapter
+
+    def apply_model(p: Any, b: dict[str, jax.Array]) -> jax.Array:
+        return model.apply_fn(p, b["input_ids"], b["attention_mask"])
+
+    def loss_fn(logits: jax.Array, b: dict[str, jax.Array]) -> jax.Array:
+        return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), b["labels"]).mean()
+
+    optimizer = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
+    holder = {"state": init_train_state(adapter, optimizer, rng=0)}
+    train_step = make_train_step(apply_model, loss_fn, optimizer)
+    jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+    n_trainable = sum(int(x.size) for x in jax.tree.leaves(trainable(adapter)))
+
+    def step() -> float:
+        holder["state"], metrics = train_step(holder["state"], params, jbatch)
+        return float(metrics["loss"])  # blocks until the step is done
+
+    def opt_bytes() -> int:
+        return sum(int(x.nbytes) for x in jax.tree.leaves(holder["state"].opt_state) if hasattr(x, "nbytes"))
+
+    return Contender(step, n_trainable, opt_bytes)
+
+
+def build_torch(method: str, batch: dict[str, Any]) -> Contender:
+    """A PyTorch contender on MiniLM ``BertForSequenceClassification`` (dropout off), eager AdamW."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        str(common.minilm_dir()),
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        classifier_dropout=0.0,
+    )
+    if method == "peft-shira":
+        import peft
+
+        cfg = peft.ShiraConfig(r=R, target_modules=PEFT_TARGETS, random_seed=0, task_type="SEQ_CLS")
+        model = peft.get_peft_model(model, cfg)
+    elif method == "peft-lora":
+        import peft
+
+        cfg = peft.LoraConfig(r=R, lora_alpha=2 * R, target_modules=PEFT_TARGETS, task_type="SEQ_CLS")
+        model = peft.get_peft_model(model, cfg)
+    elif method != "torch-full":
+        raise ValueError(f"unknown torch method {method!r}; choose from {TORCH_METHODS}")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
+    tb = {k: torch.as_tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        out = model(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"], labels=tb["labels"])
+        out.loss.backward()
+        optimizer.step()
+        return float(out.loss)
+
+    def opt_bytes() -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for s in optimizer.state.values()
+            for t in s.values()
+            if torch.is_tensor(t)
+        )
+
+    return Contender(step, sum(p.numel() for p in params), opt_bytes)
+
+
+def build(method: str, batch: dict[str, Any]) -> Contender:
+    return build_jax(method, batch) if method in JAX_METHODS else build_torch(method, batch)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    methods = list(results[0]["steps"])
+    x = np.arange(len(methods))
+    width = 0.8 / len(results)
+    for i, res in enumerate(results):
+        med = [res["steps"][m]["median_ms"] / 1e3 for m in methods]
+        mins = [res["steps"][m]["min_ms"] / 1e3 for m in methods]
+        ax.bar(x + (i - (len(results) - 1) / 2) * width, med, width, label=f"16x{res['seq_len']} median")
+        ax.scatter(x + (i - (len(results) - 1) / 2) * width, mins, color="k", s=8, zorder=3)
+    ax.set_xticks(x, methods, fontsize=8)
+    ax.set_ylabel("s per train step (dots: min)")
+    ax.set_title("MiniLM seq-cls train step, AdamW, 2 CPU cores", fontsize=10)
+    ax.legend(fontsize=8)
+    common.save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--seq-lens", nargs="+", type=int, default=[64, 128])
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per contender (interleaved rounds)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds after the first step")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    ap.add_argument("--out", type=Path, default=common.RESULTS_DIR / "train_step.json")
+    ap.add_argument("--plot", type=Path, default=common.PLOTS_DIR / "train_step.png")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    record: dict[str, Any] = {"machine_before": common.machine(), "threads": args.threads, "results": []}
+    print(common.load_line(record["machine_before"]), file=sys.stderr)
+    for seq_len in args.seq_lens:
+        batch = common.rotten_tomatoes_batch(args.batch_size, seq_len)
+        contenders, first_step_s, build_s = {}, {}, {}
+        for m in args.methods:
+            contenders[m], build_s[m] = common.timed(lambda m=m, b=batch: build(m, b))
+            _, first_step_s[m] = common.timed(contenders[m].step)  # JAX: trace + compile + one step
+        steps = common.interleaved(
+            {m: c.step for m, c in contenders.items()},
+            repeats=args.steps,
+            warmup=args.warmup,
+            progress=f"16x{seq_len}",
+        )
+        res = {
+            "batch_size": args.batch_size,
+            "seq_len": seq_len,
+            "real_tokens": int(batch["attention_mask"].sum()),
+            "steps": steps,
+            "first_step_s": first_step_s,
+            "build_s": build_s,
+            "trainable": {m: c.trainable for m, c in contenders.items()},
+            "opt_state_bytes": {m: c.opt_state_bytes() for m, c in contenders.items()},
+        }
+        record["results"].append(res)
+        for m in args.methods:
+            s = steps[m]
+            print(
+                f"16x{seq_len} {m:11s} median {s['median_ms'] / 1e3:.3f} s  min {s['min_ms'] / 1e3:.3f} s  "
+                f"first {first_step_s[m]:.2f} s  trainable {res['trainable'][m]:,}  "
+                f"opt state {res['opt_state_bytes'][m] / 2**20:.2f} MiB",
+                file=sys.stderr,
+            )
+        del contenders
+    record["machine_after"] = common.machine()
+    common.write_json(args.out, record)
+    plot(record["results"], args.plot)
+    print(f"wrote {args.out} and {args.plot}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
