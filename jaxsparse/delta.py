@@ -71,7 +71,9 @@ class SparseDelta:
         flat = weight.reshape(-1)
         old = flat[self.indices]
         new = (old.astype(jnp.float32) + self.values.astype(jnp.float32)).astype(weight.dtype)
-        return flat.at[self.indices].set(new, indices_are_sorted=True, unique_indices=True).reshape(weight.shape)
+        return (
+            flat.at[self.indices].set(new, indices_are_sorted=True, unique_indices=True).reshape(weight.shape)
+        )
 
 
 @_pytree_dataclass

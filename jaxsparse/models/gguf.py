@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxsparse.models import llama  # noqa: F401  (registers the architectures)
 from jaxsparse.models.base import Model
-from jaxsparse.models.hub import CheckpointError, set_labels, from_state_dict
+from jaxsparse.models.hub import CheckpointError, from_state_dict, set_labels
 
 # GGUF architecture -> (transformers model_type, whether q/k rows carry llama.cpp's rope permutation)
 SUPPORTED_ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False)}

@@ -153,7 +153,9 @@ def test_adapter_for_another_model_is_refused(peft_dir):
             num_key_value_heads=1,
         )
     )
-    with pytest.raises(AdapterFormatError, match=r"lora_A \(4, 16\).*expected \(4, 24\).*different base model\?"):
+    with pytest.raises(
+        AdapterFormatError, match=r"lora_A \(4, 16\).*expected \(4, 24\).*different base model\?"
+    ):
         load_peft_lora(peft_dir, from_torch(wider).params)
     shallower = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(

@@ -194,11 +194,15 @@ def test_write_pads_to_peft_layout_or_refuses(tmp_path):
     adapter = random_shira_adapter(params, TARGETS, r=1)
     d = adapter.deltas[TARGETS[0]]
     odd = Adapter(
-        {TARGETS[0]: SparseDelta(d.indices[:-1], d.values[:-1], d.shape)}, adapter.dense, config=adapter.config
+        {TARGETS[0]: SparseDelta(d.indices[:-1], d.values[:-1], d.shape)},
+        adapter.dense,
+        config=adapter.config,
     )
     save_peft_shira(odd, tmp_path / "padded")
     tensors = load_file(tmp_path / "padded" / "adapter_model.safetensors")
-    assert tensors[Q + ".shira_weight"].shape == (32,) and np.count_nonzero(tensors[Q + ".shira_weight"]) == 31
+    assert (
+        tensors[Q + ".shira_weight"].shape == (32,) and np.count_nonzero(tensors[Q + ".shira_weight"]) == 31
+    )
     pm = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "padded").eval()
     with torch.no_grad():
         merged = pm.merge_and_unload().state_dict()
@@ -299,5 +303,7 @@ def test_peft_written_file_into_other_base_gets_the_hint(peft_dir):
     cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                   intermediate_size=32, num_labels=3)  # fmt: skip
     other = params_from_torch(transformers.BertForSequenceClassification(cfg))
-    with pytest.raises(AdapterFormatError, match=r"r \* \(in \+ out\) = 64 \(adapter made for a different base"):
+    with pytest.raises(
+        AdapterFormatError, match=r"r \* \(in \+ out\) = 64 \(adapter made for a different base"
+    ):
         load_peft_shira(peft_dir[0], other)

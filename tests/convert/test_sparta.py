@@ -268,7 +268,9 @@ def test_head_init_is_safetensors_and_needs_no_torch(tmp_path, monkeypatch):
     init = np.random.default_rng(7).normal(size=(L, H)).astype(np.float32)
     save_file({"head": init}, tmp_path / "a" / "head_init.safetensors")
     back = load_sparta(tmp_path / "a", params)
-    np.testing.assert_array_equal(np.asarray(back.dense["score.kernel"]), np.asarray(adapter.dense["score.kernel"]) + init.T)
+    np.testing.assert_array_equal(
+        np.asarray(back.dense["score.kernel"]), np.asarray(adapter.dense["score.kernel"]) + init.T
+    )
     save_file({"other": init}, tmp_path / "a" / "head_init.safetensors")
     with pytest.raises(AdapterFormatError, match=r"head_init\.safetensors: no 'head' tensor"):
         load_sparta(tmp_path / "a", params)
