@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Module per verb, in the order `jaxsparse --help` lists them.
@@ -28,13 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for name in VERB_MODULES:
-        try:
-            module = importlib.import_module(f"jaxsparse.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"jaxsparse.cli.{name}":
-                continue  # verb not built yet
-            raise
-        module.add_parser(sub)
+        importlib.import_module(f"jaxsparse.cli.{name}").add_parser(sub)
     return parser
 
 
@@ -49,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`jaxsparse info DIR | head`): not an error of ours. Point stdout at
+        # devnull so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

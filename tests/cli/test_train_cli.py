@@ -57,7 +57,7 @@ def tiny(tmp_path_factory):
     return root, config
 
 
-@pytest.mark.parametrize("verb", ["train", "eval", "info", "classify"])
+@pytest.mark.parametrize("verb", ["train", "eval", "info", "classify", "export", "import", "merge"])
 def test_every_verb_has_help(verb):
     proc = jaxsparse(verb, "--help")
     assert "usage: jaxsparse " + verb in proc.stdout and "examples:" in proc.stdout
@@ -186,3 +186,24 @@ def test_sigint_checkpoints_and_exits_130(tiny):
     steps = [int(p.name) for p in (out / "checkpoints").glob("*") if p.name.isdigit()]
     assert max(steps) == stopped > 0  # saved at the interrupted step, whatever the schedule
     assert not (out / "adapter").exists()
+
+
+def test_closed_pipe_is_not_an_error():
+    """`jaxsparse info DIR | head`: the reader leaves early; no traceback, exit status 0."""
+    child = (
+        "import argparse, sys\n"
+        "from jaxsparse import cli\n"
+        "def build_parser():\n"
+        "    p = argparse.ArgumentParser()\n"
+        "    p.set_defaults(func=lambda args: print('line\\n' * 1_000_000))\n"
+        "    return p\n"
+        "cli.build_parser = build_parser\n"
+        "sys.exit(cli.main([]))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child], cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout.readline() == b"line\n"
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 0
+    assert proc.stderr.read() == b""
