@@ -9,13 +9,13 @@ column absent from the data file is a :class:`ConfigError` naming the key and wh
 SHiRA on the real MiniLM over the real Rotten Tomatoes snippets.
 
 Example:
-    >>> cfg = load_config(None, ["train.steps=5", "adapter.r=4", "method=sparta"], check_paths=False)
+    >>> cfg = load_config(None, ["train.steps=50", "adapter.r=4", "method=sparta"], check_paths=False)
     >>> cfg.train.steps, cfg.adapter.r, cfg.method
-    (5, 4, 'sparta')
+    (50, 4, 'sparta')
     >>> try:
     ...     load_config(None, ["train.stepz=5"], check_paths=False)
     ... except ConfigError as e:
-    ...     print(str(e)[:58])
+    ...     print(str(e)[:56])
     unknown key 'train.stepz' (did you mean 'train.steps'?);
 """
 

@@ -150,18 +150,3 @@ def test_eval_step_and_loss_errors():
         bad(delta_lib.trainable(adapter), adapter, params, data(8), None)
     with pytest.raises(TypeError, match="PRNG key"):
         init_train_state(adapter, optax.sgd(0.1), jnp.zeros(2, jnp.float32))
-
-
-def test_docs_examples_run(capsys):
-    """Every Python block of docs/training_api.md runs, in order, in one namespace."""
-    import pathlib
-    import re
-
-    text = (pathlib.Path(__file__).parent.parent / "docs" / "training_api.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) >= 4
-    namespace: dict = {}
-    for block in blocks:
-        exec(compile(block, "docs/training_api.md", "exec"), namespace)
-    out = capsys.readouterr().out
-    assert "[5, 10]" in out and "peft_shira peft_shira" in out and "SHIRA" in out
