@@ -4,55 +4,9 @@ import numpy as np
 import optax
 import pytest
 
-from jaxsparse import tree as tree_lib
 from jaxsparse.checkpoint import Checkpointer, CheckpointError
-from jaxsparse.delta import Adapter, SparseDelta
 from jaxsparse.train import init_train_state, make_train_step
-
-
-# The same tiny MLP as tests/test_train.py (duplicated: test modules are not a package).
-def tiny_mlp(seed=0, d_in=8, hidden=32, d_out=3):
-    rng = np.random.default_rng(seed)
-    return {
-        "l1": {
-            "kernel": jnp.asarray(rng.normal(size=(d_in, hidden)) / 3, jnp.float32),
-            "bias": jnp.zeros(hidden),
-        },
-        "l2": {
-            "kernel": jnp.asarray(rng.normal(size=(hidden, hidden)) / 6, jnp.float32),
-            "bias": jnp.zeros(hidden),
-        },
-        "head": {
-            "kernel": jnp.asarray(rng.normal(size=(hidden, d_out)) / 6, jnp.float32),
-            "bias": jnp.zeros(d_out),
-        },
-    }
-
-
-def apply_mlp(params, batch):
-    h = jnp.tanh(batch["x"] @ params["l1"]["kernel"] + params["l1"]["bias"])
-    h = jnp.tanh(h @ params["l2"]["kernel"] + params["l2"]["bias"])
-    return h @ params["head"]["kernel"] + params["head"]["bias"]
-
-
-def sparse_adapter(params, k=20, seed=1, dense_head=True):
-    rng = np.random.default_rng(seed)
-    deltas = {}
-    for path in ("l1.kernel", "l2.kernel"):
-        shape = tree_lib.get_leaf(params, path).shape
-        idx = np.sort(rng.choice(int(np.prod(shape)), size=k, replace=False)).astype(np.int32)
-        deltas[path] = SparseDelta(jnp.asarray(idx), jnp.zeros(k, jnp.float32), shape)
-    dense = {}
-    if dense_head:
-        dense = {"head.kernel": params["head"]["kernel"] + 0.0, "head.bias": params["head"]["bias"] + 0.0}
-    return Adapter(deltas, dense)
-
-
-def data(n=64, d_in=8, seed=2):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, d_in)).astype(np.float32)
-    y = (x[:, 0] + x[:, 1] > 0).astype(np.int32) + (x[:, 2] > 1).astype(np.int32)
-    return {"x": jnp.asarray(x), "y": jnp.asarray(y)}
+from tests.test_train import apply_mlp, data, sparse_adapter, tiny_mlp
 
 
 def dropout_mlp(params, batch, rng):
