@@ -36,15 +36,11 @@ from jaxsparse.models.hub import (
     write_safetensors,
 )
 
-# Modules that register an Architecture on import. The Llama-family files may not exist yet in a
-# checkout; a module that is absent is skipped, any other import error propagates.
-ARCHITECTURE_MODULES = ("bert", "distilbert", "gpt2", "llama", "mistral", "qwen2", "gemma", "phi3")
+# Modules that register an Architecture on import (llama.py registers the whole Llama family:
+# llama, mistral, qwen2, gemma, phi3).
+ARCHITECTURE_MODULES = ("bert", "distilbert", "gpt2", "llama")
 for _name in ARCHITECTURE_MODULES:
-    try:
-        _importlib.import_module(f"jaxsparse.models.{_name}")
-    except ModuleNotFoundError as _e:
-        if _e.name != f"jaxsparse.models.{_name}":
-            raise
+    _importlib.import_module(f"jaxsparse.models.{_name}")
 
 __all__ = [
     "ARCHITECTURES",
