@@ -22,6 +22,9 @@ if _REPO not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Parity is checked in float32: on GPU/TPU JAX's default matmul precision is lower (TF32 / bf16
+# passes). Set for this process and inherited by the CLI subprocesses the tests start.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 
 def package_dir(package: str) -> Path | None:

@@ -5,6 +5,11 @@ Modules here create Flax NNX parameters with the Hugging Face layout conventions
 :mod:`jaxsparse.models.naming` (``kernel`` (in, out), ``embedding``, ``scale``); the model files
 choose the attribute names so that parameter paths equal Hugging Face module paths.
 
+Matmul precision follows JAX's ``jax_default_matmul_precision`` (no layer pins it): on CPU every
+setting is full float32; on GPU/TPU the default trades float32 matmul accuracy for speed (TF32 /
+bfloat16 passes), and ``jax.default_matmul_precision("highest")`` (or the environment variable
+``JAX_DEFAULT_MATMUL_PRECISION=highest``) gives the float32 numerics our parity tests check.
+
 Example:
     >>> import jax.numpy as jnp
     >>> q = k = v = jnp.ones((1, 3, 2, 4))  # (batch, time, heads, head_dim)
@@ -75,7 +80,6 @@ def linear(
         param_dtype=dtype,
         kernel_init=nnx.initializers.normal(std),
         bias_init=nnx.initializers.zeros,
-        precision=jax.lax.Precision.HIGHEST,
         rngs=rngs,
     )
 
@@ -106,9 +110,7 @@ def layer_norm(features: int, *, eps: float, dtype: Any = jnp.float32, rngs: nnx
 
 def tied_logits(hidden: Float[Array, "B T H"], embedding: Float[Array, "V H"]) -> Float[Array, "B T V"]:
     """Logits of an LM head tied to the input embedding (``hidden @ embedding.T``)."""
-    return jnp.einsum(
-        "bth,vh->btv", hidden, embedding.astype(hidden.dtype), precision=jax.lax.Precision.HIGHEST
-    )
+    return jnp.einsum("bth,vh->btv", hidden, embedding.astype(hidden.dtype))
 
 
 def split_heads(x: Float[Array, "B T HD"], num_heads: int) -> Float[Array, "B T N D"]:
@@ -176,16 +178,15 @@ def dot_product_attention(
         value = jnp.repeat(value, num_heads // num_kv, axis=2)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    hp = jax.lax.Precision.HIGHEST
-    scores = jnp.einsum(
-        "bqnd,bknd->bnqk", query.astype(jnp.float32), key.astype(jnp.float32), precision=hp
-    ) * jnp.float32(scale)
+    scores = jnp.einsum("bqnd,bknd->bnqk", query.astype(jnp.float32), key.astype(jnp.float32)) * jnp.float32(
+        scale
+    )
     if softcap is not None:
         scores = softcap * jnp.tanh(scores / softcap)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bnqk,bknd->bqnd", weights, value.astype(jnp.float32), precision=hp)
+    out = jnp.einsum("bnqk,bknd->bqnd", weights, value.astype(jnp.float32))
     return out.astype(query.dtype)
 
 

@@ -142,3 +142,28 @@ def test_real_minilm_matches_transformers(minilm_dir, our_output, torch_output):
     assert clf.task == "seq_cls" and clf.config.id2label == {0: "neg", 1: "pos"}
     assert clf.params["classifier"]["kernel"].shape == (384, 2)
     jax.tree_util.tree_map(np.testing.assert_array_equal, clf.params["bert"], model.params)
+
+
+def test_matmul_precision_follows_jax_config():
+    """No layer pins a precision: jax.default_matmul_precision decides (float32 parity needs 'highest')."""
+    import transformers
+
+    from jaxsparse.models import init_params
+
+    config = transformers.BertConfig(
+        vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
+    )
+    model = init_params(config, task="seq_cls", seed=0)
+    ids = jnp.ones((1, 4), jnp.int32)
+
+    def dot_precisions(setting):
+        with jax.default_matmul_precision(setting):
+            jaxpr = jax.make_jaxpr(model.apply_fn)(model.params, ids)
+        eqns = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+        return {str(e.params["precision"]) for e in eqns}, len(eqns)
+
+    highest, n = dot_precisions("highest")
+    assert n == 10  # q, k, v, scores, weighted values, attention output, intermediate, output, pooler, head
+    assert all("HIGHEST" in p for p in highest), highest
+    fastest, _ = dot_precisions("bfloat16")
+    assert not any("HIGHEST" in p for p in fastest), fastest
