@@ -6,12 +6,16 @@ classifier head trained in every configuration):
 - ``jax-shira``: ``jaxsparse.methods.shira.init`` r=8 on every body linear (37 weights, k = r*(in+out)),
 - ``jax-sparta``: ``jaxsparse.methods.sparta.init`` on the same weights at SHiRA r=8's density (k / numel),
 - ``jax-lora``, ``jax-full``: jaxsparse LoRA r=8 (alpha 16) and full fine-tuning (for reference),
+- ``jax-sparta-0.1``: SpaRTA at density 0.1% on the same weights (below the sampled-gradient
+  threshold, so its weight gradient is the sampled product),
+- ``*-dense`` (``jax-lora-dense``, ``jax-sparta-0.1-dense``): the same adapters with
+  ``factored=False``: the delta is added to the weight and autodiff forms the dense weight gradient,
 - ``peft-shira``, ``peft-lora``: PEFT ``ShiraConfig(r=8)`` / ``LoraConfig(r=8, lora_alpha=16)`` on
   ``query, key, value, dense`` (the same 37 weights), ``task_type="SEQ_CLS"``,
 - ``torch-full``: every parameter of the transformers model.
 
 jaxsparse steps come from ``jaxsparse.train.make_train_step`` / ``init_train_state`` (jitted, state
-donated); torch runs eagerly with ``torch.set_num_threads(2)``. Dropout is off in torch because our
+donated, ``factored=True`` as ``jaxsparse train`` runs them unless the name ends in ``-dense``); torch runs eagerly with ``torch.set_num_threads(2)``. Dropout is off in torch because our
 BERT has none (same computation). Steps are interleaved (one step of each contender per round) after
 warm-up; the first step (compile for JAX) is reported separately. Trainable parameter counts and
 optimizer state bytes are recorded too (see bench_memory.py for peak RSS).
@@ -34,7 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
-JAX_METHODS = ("jax-shira", "jax-sparta", "jax-lora", "jax-full")
+JAX_METHODS = (
+    "jax-shira",
+    "jax-sparta",
+    "jax-lora",
+    "jax-lora-dense",
+    "jax-sparta-0.1",
+    "jax-sparta-0.1-dense",
+    "jax-full",
+)
 TORCH_METHODS = ("peft-shira", "peft-lora", "torch-full")
 METHODS = JAX_METHODS + TORCH_METHODS
 R = 8
@@ -72,9 +84,16 @@ def build_jax(method: str, batch: dict[str, Any]) -> Contender:
     shira_adapter = shira.init(
         params, shira.ShiraConfig(r=R, random_seed=0, target_modules=PEFT_TARGETS, modules_to_save=head), key
     )
-    if method == "jax-shira":
+    base_method = method.removesuffix("-dense")
+    if base_method == "jax-shira":
         adapter = shira_adapter
-    elif method == "jax-sparta":
+    elif base_method == "jax-sparta-0.1":
+        adapter = sparta.init(
+            params,
+            sparta.SpartaConfig(density=0.001, seed=0, target_modules=PEFT_TARGETS, modules_to_save=head),
+            key,
+        )
+    elif base_method == "jax-sparta":
         k = sum(d.k for d in shira_adapter.deltas.values())
         numel = sum(int(np.prod(d.shape)) for d in shira_adapter.deltas.values())
         adapter = sparta.init(
@@ -82,13 +101,13 @@ def build_jax(method: str, batch: dict[str, Any]) -> Contender:
             sparta.SpartaConfig(density=k / numel, seed=0, target_modules=PEFT_TARGETS, modules_to_save=head),
             key,
         )
-    elif method == "jax-lora":
+    elif base_method == "jax-lora":
         adapter = lora.init(
             params,
             lora.LoraConfig(r=R, lora_alpha=2 * R, target_modules=PEFT_TARGETS, modules_to_save=head),
             key,
         )
-    elif method == "jax-full":
+    elif base_method == "jax-full":
         # every float leaf trains, as a dense replacement (what `jaxsparse train method=full` does)
         adapter = Adapter(
             deltas={}, dense={p: x for p, x in leaf_paths(params).items() if x.dtype.kind == "f"}
@@ -105,7 +124,7 @@ def build_jax(method: str, batch: dict[str, Any]) -> Contender:
 
     optimizer = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
     holder = {"state": init_train_state(adapter, optimizer, rng=0)}
-    train_step = make_train_step(apply_model, loss_fn, optimizer)
+    train_step = make_train_step(apply_model, loss_fn, optimizer, factored=not method.endswith("-dense"))
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
     n_trainable = sum(int(x.size) for x in jax.tree.leaves(trainable(adapter)))
 
@@ -177,7 +196,7 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(8, 3.4))
+    fig, ax = plt.subplots(figsize=(10, 3.8))
     methods = list(results[0]["steps"])
     x = np.arange(len(methods))
     width = 0.8 / len(results)
@@ -186,7 +205,7 @@ def plot(results: list[dict], path: Path) -> None:
         mins = [res["steps"][m]["min_ms"] / 1e3 for m in methods]
         ax.bar(x + (i - (len(results) - 1) / 2) * width, med, width, label=f"16x{res['seq_len']} median")
         ax.scatter(x + (i - (len(results) - 1) / 2) * width, mins, color="k", s=8, zorder=3)
-    ax.set_xticks(x, methods, fontsize=8)
+    ax.set_xticks(x, methods, fontsize=8, rotation=30, ha="right")
     ax.set_ylabel("s per train step (dots: min)")
     ax.set_title("MiniLM seq-cls train step, AdamW, 2 CPU cores", fontsize=10)
     ax.legend(fontsize=8)
@@ -238,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         for m in args.methods:
             s = steps[m]
             print(
-                f"16x{seq_len} {m:11s} median {s['median_ms'] / 1e3:.3f} s  min {s['min_ms'] / 1e3:.3f} s  "
+                f"16x{seq_len} {m:20s} median {s['median_ms'] / 1e3:.3f} s  min {s['min_ms'] / 1e3:.3f} s  "
                 f"first {first_step_s[m]:.2f} s  trainable {res['trainable'][m]:,}  "
                 f"opt state {res['opt_state_bytes'][m] / 2**20:.2f} MiB",
                 file=sys.stderr,

@@ -112,6 +112,7 @@ class TrainConfig:
     checkpoint_every: int = 60
     keep_checkpoints: int = 2
     progress: bool = True
+    sampled_grad_max_density: float = 0.004
 
 
 @dataclasses.dataclass
@@ -382,6 +383,10 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         raise ConfigError(f"'train.learning_rate' must be > 0, got {t.learning_rate}")
     if t.warmup_steps < 0 or t.warmup_steps >= t.steps:
         raise ConfigError(f"'train.warmup_steps' must be in [0, train.steps), got {t.warmup_steps}")
+    if not 0.0 <= t.sampled_grad_max_density <= 1.0:
+        raise ConfigError(
+            f"'train.sampled_grad_max_density' must be in [0, 1], got {t.sampled_grad_max_density}"
+        )
     if not 0.0 < a.density <= 1.0:
         raise ConfigError(f"'adapter.density' must be in (0, 1], got {a.density}")
     if not (0 < d.eval_size < 1 or (d.eval_size >= 1 and float(d.eval_size).is_integer())):

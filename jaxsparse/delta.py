@@ -31,7 +31,7 @@ from jaxsparse import tree as tree_lib
 PyTree = Any
 
 
-def _pytree_dataclass(cls: type) -> type:
+def pytree_dataclass(cls: type) -> type:
     """Frozen dataclass registered as a pytree; fields with ``metadata={"static": True}`` are aux data."""
     cls = dataclasses.dataclass(frozen=True)(cls)
     fields = dataclasses.fields(cls)
@@ -45,7 +45,7 @@ def static(default: Any = dataclasses.MISSING) -> Any:
     return dataclasses.field(default=default, metadata={"static": True})
 
 
-@_pytree_dataclass
+@pytree_dataclass
 class SparseDelta:
     """k entries added to a weight: ``w.flat[indices] += values``.
 
@@ -76,7 +76,7 @@ class SparseDelta:
         )
 
 
-@_pytree_dataclass
+@pytree_dataclass
 class LowRankDelta:
     """A low-rank update of a Flax kernel (in, out): ``w += (a * rank_mask) @ b * scale``, optionally masked.
 
@@ -113,7 +113,7 @@ class LowRankDelta:
 Delta = SparseDelta | LowRankDelta
 
 
-@_pytree_dataclass
+@pytree_dataclass
 class Adapter:
     """Delta leaves and dense replacements keyed by parameter path, plus the method's config.
 
@@ -129,10 +129,18 @@ class Adapter:
         return sum(int(x.size) for x in jax.tree_util.tree_leaves(trainable(self)))
 
 
-def apply(params: PyTree, adapter: Adapter) -> PyTree:
+def apply(
+    params: PyTree, adapter: Adapter, *, factored: bool = False, sampled_max_density: float | None = None
+) -> PyTree:
     """Effective parameters: every targeted leaf with its delta applied, dense leaves replaced.
 
     Pure and jit-able; use it inside the loss so gradients reach the adapter's trainable leaves.
+
+    With ``factored=True`` a delta on a 2-D ``kernel`` leaf is not added to the weight: the leaf
+    becomes a :class:`jaxsparse.factored.AdaptedKernel` that the model zoo's linear layers apply
+    beside the frozen weight (LoRA as ``x W + x a b s``; sparse deltas at density at most
+    ``sampled_max_density`` with the sampled-product gradient). Only for models whose every
+    ``kernel`` is read by :func:`jaxsparse.factored.matmul` (all of :mod:`jaxsparse.models`).
 
     Example:
         >>> import jax.numpy as jnp
@@ -141,9 +149,16 @@ def apply(params: PyTree, adapter: Adapter) -> PyTree:
         >>> apply(params, Adapter({"lin.kernel": d}))["lin"]["kernel"].tolist()
         [[0.0, 0.0], [0.0, 5.0]]
     """
-    new: dict[str, Array] = {}
+    new: dict[str, Any] = {}
     for path, delta in adapter.deltas.items():
-        new[path] = delta.apply(tree_lib.get_leaf(params, path))
+        weight = tree_lib.get_leaf(params, path)
+        if factored and path.rsplit(".", 1)[-1] == "kernel" and weight.ndim == 2:
+            from jaxsparse import factored as factored_lib  # factored builds on this module
+
+            density = factored_lib.SAMPLED_MAX_DENSITY if sampled_max_density is None else sampled_max_density
+            new[path] = factored_lib.adapt(weight, delta, sampled_max_density=density)
+        else:
+            new[path] = delta.apply(weight)
     for path, leaf in adapter.dense.items():
         new[path] = leaf
     return tree_lib.replace_leaves(params, new)

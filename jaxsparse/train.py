@@ -11,6 +11,11 @@ Contract of the two user functions:
   is built with ``takes_rng=True``, e.g. for dropout): the forward pass on *effective* params;
 - ``loss_fn(outputs, batch) -> loss`` or ``-> (loss, metrics_dict)``: a scalar to minimise.
 
+``factored=True`` (for models of :mod:`jaxsparse.models`) hands ``apply_model`` params whose
+targeted kernels carry their deltas beside the frozen weight (:mod:`jaxsparse.factored`): LoRA runs
+as ``x W + x a b s`` and low-density sparse deltas take the sampled-product gradient, so no dense
+weight gradient is formed for them. The default (``False``) hands it plain arrays.
+
 Example:
     >>> import jax, jax.numpy as jnp, optax
     >>> from jaxsparse.delta import Adapter, SparseDelta
@@ -100,7 +105,12 @@ def _split_loss(result: Any) -> tuple[Array, dict[str, Array]]:
 
 
 def make_loss(
-    apply_model: ApplyModel, loss_fn: LossFn, *, takes_rng: bool = False
+    apply_model: ApplyModel,
+    loss_fn: LossFn,
+    *,
+    takes_rng: bool = False,
+    factored: bool = False,
+    sampled_max_density: float | None = None,
 ) -> Callable[..., tuple[Array, dict[str, Array]]]:
     """``adapter_loss(trainable, adapter, params, batch, rng) -> (loss, metrics)``.
 
@@ -110,7 +120,12 @@ def make_loss(
 
     def adapter_loss(trainable, adapter, params, batch, rng):
         params = jax.lax.stop_gradient(params)
-        effective = delta_lib.apply(params, delta_lib.with_trainable(adapter, trainable))
+        effective = delta_lib.apply(
+            params,
+            delta_lib.with_trainable(adapter, trainable),
+            factored=factored,
+            sampled_max_density=sampled_max_density,
+        )
         outputs = apply_model(effective, batch, rng) if takes_rng else apply_model(effective, batch)
         loss, metrics = _split_loss(loss_fn(outputs, batch))
         loss = jnp.asarray(loss)
@@ -122,10 +137,17 @@ def make_loss(
 
 
 def value_and_grad(
-    apply_model: ApplyModel, loss_fn: LossFn, *, takes_rng: bool = False
+    apply_model: ApplyModel,
+    loss_fn: LossFn,
+    *,
+    takes_rng: bool = False,
+    factored: bool = False,
+    sampled_max_density: float | None = None,
 ) -> Callable[..., tuple[tuple[Array, dict[str, Array]], dict[str, Any]]]:
     """``f(adapter, params, batch, rng=None) -> ((loss, metrics), grads)``, grads w.r.t. ``trainable(adapter)``."""
-    adapter_loss = make_loss(apply_model, loss_fn, takes_rng=takes_rng)
+    adapter_loss = make_loss(
+        apply_model, loss_fn, takes_rng=takes_rng, factored=factored, sampled_max_density=sampled_max_density
+    )
     grad_fn = jax.value_and_grad(adapter_loss, has_aux=True)
 
     def f(adapter: Adapter, params: PyTree, batch: Any, rng: Array | None = None):
@@ -140,6 +162,8 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     *,
     takes_rng: bool = False,
+    factored: bool = False,
+    sampled_max_density: float | None = None,
     jit: bool = True,
 ) -> Callable[[TrainState, PyTree, Any], tuple[TrainState, dict[str, Array]]]:
     """A step ``(state, params, batch) -> (state, metrics)`` for any optax optimizer.
@@ -148,7 +172,9 @@ def make_train_step(
     ``params`` not donated. ``metrics`` holds ``loss``, ``grad_norm`` (global L2 norm of the
     gradient over the trainable leaves) and whatever ``loss_fn`` returned beside the loss.
     """
-    adapter_loss = make_loss(apply_model, loss_fn, takes_rng=takes_rng)
+    adapter_loss = make_loss(
+        apply_model, loss_fn, takes_rng=takes_rng, factored=factored, sampled_max_density=sampled_max_density
+    )
     grad_fn = jax.value_and_grad(adapter_loss, has_aux=True)
 
     def step(state: TrainState, params: PyTree, batch: Any) -> tuple[TrainState, dict[str, Array]]:
@@ -170,12 +196,12 @@ def make_train_step(
 
 
 def make_eval_step(
-    apply_model: ApplyModel, loss_fn: LossFn, *, jit: bool = True
+    apply_model: ApplyModel, loss_fn: LossFn, *, factored: bool = False, jit: bool = True
 ) -> Callable[[Adapter, PyTree, Any], dict[str, Array]]:
     """``(adapter, params, batch) -> metrics`` (``loss`` plus ``loss_fn``'s extras), no gradient."""
 
     def evaluate(adapter: Adapter, params: PyTree, batch: Any) -> dict[str, Array]:
-        outputs = apply_model(delta_lib.apply(params, adapter), batch)
+        outputs = apply_model(delta_lib.apply(params, adapter, factored=factored), batch)
         loss, metrics = _split_loss(loss_fn(outputs, batch))
         return {"loss": jnp.asarray(loss), **metrics}
 

@@ -317,7 +317,7 @@ def eval_loss_fn(task: str) -> Callable[[jax.Array, dict[str, jax.Array]], tuple
 
 def make_eval_step(model: Any, task: str) -> Callable[[delta_lib.Adapter, PyTree, Any], dict[str, jax.Array]]:
     """``eval_step(adapter, base_params, batch) -> {"loss": sum, "predictions" | "tokens"}``, jitted."""
-    return train_lib.make_eval_step(model_fn(model), eval_loss_fn(task))
+    return train_lib.make_eval_step(model_fn(model), eval_loss_fn(task), factored=True)
 
 
 def evaluate(
@@ -573,7 +573,13 @@ def train(
     config_lib.save_config(cfg, config_path)
     metrics_log = MetricsLog(out / "metrics.jsonl", start_step if resume else None)
 
-    train_step = train_lib.make_train_step(model_fn(model), train_loss_fn(task), optimizer)
+    train_step = train_lib.make_train_step(
+        model_fn(model),
+        train_loss_fn(task),
+        optimizer,
+        factored=True,
+        sampled_max_density=t.sampled_grad_max_density,
+    )
     eval_step = make_eval_step(model, task)
     do_eval = functools.partial(
         evaluate,

@@ -37,6 +37,7 @@ def test_overrides_coerce_types():
         ("method=lora2", "allowed values: ['shira', 'sparta', 'lora', 'full']"),
         ("train.optimizer=lion", "'train.optimizer' = 'lion' is not allowed"),
         ("adapter.density=1.5", "'adapter.density' must be in (0, 1]"),
+        ("train.sampled_grad_max_density=-0.1", "'train.sampled_grad_max_density' must be in [0, 1]"),
         ("train.warmup_steps=500", "'train.warmup_steps' must be in [0, train.steps)"),
         ("data.source=bbc_text", "'data.source' = 'bbc_text' is not allowed for task 'seq_cls'"),
         ("model=x", "'model' is a section"),

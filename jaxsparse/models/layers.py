@@ -30,6 +30,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
+from jaxsparse import factored
+
 # Hugging Face ``ACT2FN`` names -> JAX functions with the same numerics.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": partial(jax.nn.gelu, approximate=False),
@@ -62,6 +64,27 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
         raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}") from None
 
 
+class Linear(nnx.Linear):
+    """``nnx.Linear`` whose kernel may also be a :class:`jaxsparse.factored.AdaptedKernel`.
+
+    Same parameters, initialisation and numerics as ``nnx.Linear`` for an array kernel; an adapted
+    kernel (from ``delta.apply(..., factored=True)``) is applied by :func:`jaxsparse.factored.matmul`
+    with its delta beside the frozen weight.
+    """
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        kernel = self.kernel.get_value()
+        bias = self.bias.get_value() if self.bias is not None else None
+        if isinstance(kernel, factored.AdaptedKernel):
+            (inputs, bias) = self.promote_dtype((inputs, bias), dtype=self.dtype)
+        else:
+            inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+        y = factored.matmul(inputs, kernel, precision=self.precision)
+        if bias is not None:
+            y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        return y
+
+
 def linear(
     in_features: int,
     out_features: int,
@@ -70,9 +93,9 @@ def linear(
     use_bias: bool = True,
     dtype: Any = jnp.float32,
     rngs: nnx.Rngs,
-) -> nnx.Linear:
-    """``nnx.Linear`` (kernel (in, out)) in ``dtype`` for params and compute, HF init (normal(std), zero bias)."""
-    return nnx.Linear(
+) -> Linear:
+    """:class:`Linear` (kernel (in, out)) in ``dtype`` for params and compute, HF init (normal(std), zero bias)."""
+    return Linear(
         in_features,
         out_features,
         use_bias=use_bias,

@@ -116,6 +116,10 @@ def test_peft_adapter_imports_with_same_logits_and_merged_weights(tmp_path, arch
     got = _jax_logits(ours, delta_lib.apply(ours.params, adapter))
     assert np.abs(want - _jax_logits(ours, ours.params)).max() > 1e-3  # the adapter changes the output
     _close(got, want)
+    # The factored path (deltas beside the frozen weight, as the trainer runs) agrees with PEFT too.
+    _close(
+        _jax_logits(ours, delta_lib.apply(ours.params, adapter, factored=True, sampled_max_density=1.0)), want
+    )
 
     merged_params, _ = merge_lib.merge(ours.params, adapter)
     ours_sd = to_state_dict(Model(ours.config, merged_params, ours.apply_fn, ours.task))
