@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 SHAPES = ((384, 384), (384, 1536), (576, 1536))
-DENSITIES = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.02, 0.05)
+DENSITIES = (0.001, 0.004, 0.01, 0.02, 0.03, 0.04, 0.08)
 
 
 def bench_shape(fan_in: int, fan_out: int, tokens: int, densities: list[float], repeats: int) -> list[dict]:

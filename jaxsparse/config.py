@@ -112,7 +112,7 @@ class TrainConfig:
     checkpoint_every: int = 60
     keep_checkpoints: int = 2
     progress: bool = True
-    sampled_grad_max_density: float = 0.004
+    sampled_grad_max_density: float = 0.03
 
 
 @dataclasses.dataclass

@@ -172,9 +172,9 @@ def test_gradient_forms_no_dense_weight_gradient_on_the_factored_path(kind, max_
 
 
 def test_adapt_picks_the_sampled_gradient_by_density():
-    d = SparseDelta(jnp.arange(4, dtype=jnp.int32), jnp.ones(4), (10, 100))  # density 0.004
-    assert factored.adapt(jnp.zeros((10, 100)), d).sampled_grad
-    assert not factored.adapt(jnp.zeros((10, 100)), d, sampled_max_density=0.0039).sampled_grad
+    d = SparseDelta(jnp.arange(30, dtype=jnp.int32), jnp.ones(30), (10, 100))  # density 0.03
+    assert factored.SAMPLED_MAX_DENSITY == 0.03 and factored.adapt(jnp.zeros((10, 100)), d).sampled_grad
+    assert not factored.adapt(jnp.zeros((10, 100)), d, sampled_max_density=0.029).sampled_grad
     lr = LowRankDelta(jnp.ones((10, 1)), jnp.ones((1, 100)))
     assert not factored.adapt(jnp.zeros((10, 100)), lr, sampled_max_density=1.0).sampled_grad
 
@@ -315,7 +315,9 @@ def test_train_step_factored_follows_the_dense_run():
         for _ in range(3):
             state, metrics = step(state, model.params, batch)
         runs[is_factored] = (state, float(metrics["loss"]))
-    assert all(d.k <= 0.004 * np.prod(d.shape) for d in adapter.deltas.values())  # sampled path taken
+    assert all(
+        d.k <= factored.SAMPLED_MAX_DENSITY * np.prod(d.shape) for d in adapter.deltas.values()
+    )  # sampled
     np.testing.assert_allclose(runs[True][1], runs[False][1], rtol=1e-5)
     for a, b in zip(
         jax.tree.leaves(delta_lib.trainable(runs[True][0].adapter)),
