@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,6 +19,7 @@ from jaxsparse import factored, models
 from jaxsparse.delta import Adapter, LowRankDelta, SparseDelta
 from jaxsparse.methods import lora, shira, sparta
 from jaxsparse.train import init_train_state, make_train_step
+from tests.convert.test_parity_peft import _torch_model
 
 
 def _sorted_indices(rng, size, k):
@@ -200,30 +200,8 @@ def test_apply_factored_wraps_only_2d_kernels():
 
 
 def _tiny(arch: str):
-    if arch == "llama":
-        cfg = transformers.LlamaConfig(
-            vocab_size=48,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=32,
-        )
-        return models.init_params(cfg, task="causal_lm", seed=0)
-    if arch == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=48, n_embd=32, n_layer=1, n_head=4, n_positions=32)
-        return models.init_params(cfg, task="causal_lm", seed=0)
-    cfg = transformers.BertConfig(
-        vocab_size=48,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
-    return models.init_params(cfg, task="seq_cls", seed=0)
+    """Tiny Llama (causal LM), GPT-2 (causal LM, Conv1D weights) or BERT (3-way classifier)."""
+    return models.from_torch(_torch_model(arch))
 
 
 def _adapters(params):
@@ -247,7 +225,7 @@ def _adapters(params):
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_zoo_models_give_the_same_outputs_and_gradients_factored(arch):
     model = _tiny(arch)
-    ids = jnp.asarray(np.random.default_rng(0).integers(1, 48, (2, 7)))
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 32, (2, 7)))
     mask = jnp.asarray([[1] * 7, [1] * 4 + [0] * 3])
     for name, adapter in _adapters(model.params).items():
         assert adapter.deltas, name
@@ -295,7 +273,7 @@ def test_bfloat16_model_runs_factored():
 
 def test_train_step_factored_follows_the_dense_run():
     model = _tiny("bert")
-    ids = jnp.asarray(np.random.default_rng(1).integers(1, 48, (4, 6)))
+    ids = jnp.asarray(np.random.default_rng(1).integers(1, 32, (4, 6)))
     batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "labels": jnp.array([0, 1, 2, 1])}
     adapter = sparta.init(
         model.params, sparta.SpartaConfig(density=0.002, modules_to_save=["classifier"]), jax.random.key(1)
