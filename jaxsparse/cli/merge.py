@@ -8,15 +8,16 @@ import sys
 
 DESCRIPTION = """\
 Merge an adapter (jaxsparse, PEFT SHiRA/LoRA or SpaRTA) into its base model and write a Hugging
-Face checkpoint (config.json + model.safetensors, and the base model's tokenizer when it has one)
-that transformers.AutoModel*.from_pretrained loads with no adapter library. MODEL is a local Hugging
-Face directory or a .gguf file (dequantized on load; the merged checkpoint is full precision).
+Face checkpoint (config.json + model.safetensors, sharded above --max-shard-size, and the base
+model's tokenizer when it has one) that transformers.AutoModel*.from_pretrained loads with no
+adapter library. MODEL is a local Hugging Face directory or a .gguf file (dequantized on load; the merged checkpoint is full precision).
 A sequence-classification adapter gives a *ForSequenceClassification checkpoint with its head.
 The output directory appears complete or not at all.
 
 examples:
   jaxsparse merge --model path/to/hf-model --adapter runs/shira/adapter --output merged/
   jaxsparse merge --model SmolLM2-135M-Instruct.Q4_1.gguf --adapter runs/sparta/adapter --output merged/
+  jaxsparse merge --model big-model/ --adapter runs/shira/adapter --output merged/ --max-shard-size 5GB
 """
 
 
@@ -32,6 +33,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory")
     p.add_argument("--output", required=True, metavar="DIR", help="where to write the merged checkpoint")
+    p.add_argument(
+        "--max-shard-size",
+        default="50GB",
+        metavar="SIZE",
+        help="largest safetensors file, e.g. 5GB or 500MiB (transformers' units); above it the weights "
+        "are sharded with a model.safetensors.index.json (default: %(default)s)",
+    )
     p.set_defaults(func=run)
 
 
@@ -43,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
         from jaxsparse.adapter_io import load_adapter
         from jaxsparse.atomic import atomic_dir
         from jaxsparse.models import load_tokenizer, save_pretrained
+        from jaxsparse.models.hub import parse_size
 
+        parse_size(args.max_shard_size)  # a bad size fails before any model is loaded
         model, _ = load_base_for_adapter(args.model, args.adapter, verb="merge")
         adapter = load_adapter(args.adapter, model=model)
         merged_params, _ = merge.merge(model.params, adapter)
@@ -53,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError, TypeError, KeyError):
             tokenizer = None  # a bare weights directory (or a GGUF without a vocabulary): nothing to copy
         with atomic_dir(args.output) as tmp:
-            save_pretrained(merged, tmp)
+            save_pretrained(merged, tmp, max_shard_size=args.max_shard_size)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
     except ERRORS as e:

@@ -454,12 +454,67 @@ def from_torch(torch_model: Any, *, dtype: Any = jnp.float32) -> Model:
     )
 
 
-def save_pretrained(model: Model, out_dir: str | os.PathLike) -> None:
-    """Write ``config.json`` + ``model.safetensors`` that ``transformers.AutoModel*.from_pretrained`` loads.
+# transformers' size units (``convert_file_size_to_int``), longest suffix first.
+_SIZE_UNITS = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
 
-    The directory is written beside ``out_dir`` and renamed into place, so a failure never leaves a
-    partial model; an existing ``out_dir`` is replaced.
+
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size``: an int, or a string with transformers' units (``"5GB"``, ``"500MiB"``, ``"64KB"``).
+
+    Example:
+        >>> parse_size("2MiB"), parse_size("5GB"), parse_size(1000)
+        (2097152, 5000000000, 1000)
     """
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        text = str(size).strip().upper()
+        for unit, factor in _SIZE_UNITS:
+            if text.endswith(unit) and text[: -len(unit)].strip().isdigit():
+                value = int(text[: -len(unit)]) * factor
+                break
+        else:
+            raise ValueError(
+                f"shard size {size!r}: expected bytes as an int or a number with a unit "
+                f"({', '.join(u for u, _ in _SIZE_UNITS)}), e.g. '5GB'"
+            )
+    if value < 1:
+        raise ValueError(f"shard size {size!r} must be at least 1 byte")
+    return value
+
+
+def shard_state_dict(state: Mapping[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
+    """Split a state dict, in sorted key order, into shards of at most ``max_bytes`` each.
+
+    A tensor larger than ``max_bytes`` gets a shard of its own (as transformers does).
+
+    Example:
+        >>> sd = {k: np.zeros(10, np.float32) for k in "abc"}  # 40 bytes each
+        >>> [sorted(s) for s in shard_state_dict(sd, 80)]
+        [['a', 'b'], ['c']]
+    """
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key in sorted(state):
+        nbytes = int(np.asarray(state[key]).nbytes)
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = state[key]
+        size += nbytes
+    return shards
+
+
+def save_pretrained(model: Model, out_dir: str | os.PathLike, *, max_shard_size: int | str = "50GB") -> None:
+    """Write ``config.json`` + safetensors weights that ``transformers.AutoModel*.from_pretrained`` loads.
+
+    Weights up to ``max_shard_size`` (transformers 5's default, ``"50GB"``) go to ``model.safetensors``;
+    larger ones to ``model-00001-of-0000N.safetensors`` ... plus ``model.safetensors.index.json``
+    (``metadata.total_size`` and the ``weight_map``), as transformers writes them. The directory is
+    written beside ``out_dir`` and renamed into place, so a failure never leaves a partial model; an
+    existing ``out_dir`` is replaced.
+    """
+    max_bytes = parse_size(max_shard_size)
     out_dir = Path(out_dir)
     arch = architecture(model.model_type)
     config = copy.deepcopy(model.config)
@@ -471,7 +526,21 @@ def save_pretrained(model: Model, out_dir: str | os.PathLike) -> None:
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
         config.save_pretrained(str(tmp))
-        write_safetensors(tmp / "model.safetensors", to_state_dict(model), metadata={"format": "pt"})
+        state = to_state_dict(model)
+        shards = shard_state_dict(state, max_bytes)
+        if len(shards) == 1:
+            write_safetensors(tmp / "model.safetensors", state, metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                write_safetensors(tmp / name, shard, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, name))
+            index = {
+                "metadata": {"total_size": sum(int(np.asarray(v).nbytes) for v in state.values())},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         old = None
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"

@@ -166,6 +166,23 @@ def test_merge_gpt2_lora_fan_in_fan_out(dirs, tmp_path):
     )
     _close(_logits(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()), want)
 
+    # the same merge, sharded: transformers follows the index and gives the same logits
+    sharded = tmp_path / "sharded"
+    args = ["merge", "--model", dirs["gpt2"], "--adapter", tmp_path / "peft", "--output", sharded]
+    assert _cli(*args, "--max-shard-size", "2KB") == 0
+    assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 1
+    assert (sharded / "model.safetensors.index.json").exists() and not (
+        sharded / "model.safetensors"
+    ).exists()
+    _close(_logits(transformers.GPT2LMHeadModel.from_pretrained(sharded).eval()), want)
+
+
+def test_merge_refuses_a_bad_shard_size_before_loading(dirs, tmp_path, capsys):
+    args = ["merge", "--model", dirs["gpt2"], "--adapter", tmp_path / "none", "--output", tmp_path / "m"]
+    assert _cli(*args, "--max-shard-size", "5 parsecs") == 2
+    assert "shard size '5 parsecs'" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
 
 @pytest.fixture(scope="module")
 def llama_shira(dirs, tmp_path_factory):

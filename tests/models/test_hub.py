@@ -179,6 +179,46 @@ def test_save_replaces_existing_directory(config, tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, back.params, model.params)
 
 
+def test_sharded_save_matches_transformers_layout_and_loads_everywhere(config, tmp_path):
+    model = models.init_params(config, task="seq_cls", seed=3)
+    state = models.to_state_dict(model)
+    models.save_pretrained(model, tmp_path / "sharded", max_shard_size="2KiB")
+    files = sorted(p.name for p in (tmp_path / "sharded").iterdir())
+    shards = [f for f in files if f.startswith("model-")]
+    assert len(shards) > 2 and "model.safetensors" not in files
+    assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in state.values())
+    assert set(index["weight_map"]) == set(state) and set(index["weight_map"].values()) == set(shards)
+    for shard in shards:  # every shard within the limit, unless it holds one bigger tensor alone
+        tensors = safetensors.numpy.load_file(tmp_path / "sharded" / shard)
+        assert len(tensors) == 1 or sum(t.nbytes for t in tensors.values()) <= 2 * 1024
+    # transformers reads the index, and so do we: the same weights and logits
+    tm = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "sharded").eval()
+    for key, value in tm.state_dict().items():
+        if key in state:
+            np.testing.assert_array_equal(value.numpy(), state[key])
+    back = models.from_pretrained(tmp_path / "sharded")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back.params, model.params)
+    # under the limit: one model.safetensors, as before
+    models.save_pretrained(model, tmp_path / "single", max_shard_size="1GB")
+    assert sorted(p.name for p in (tmp_path / "single").iterdir()) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("size", ["5 parsecs", "GB", "-1", 0, "1.5GB"])
+def test_bad_shard_size_is_refused(config, tmp_path, size):
+    with pytest.raises(ValueError, match="shard size"):
+        models.save_pretrained(models.init_params(config, task="base"), tmp_path / "x", max_shard_size=size)
+    assert not (tmp_path / "x").exists()
+
+
+def test_shards_split_in_key_order_with_big_tensors_alone():
+    sd = {"a": np.zeros(4, np.float32), "b": np.zeros(100, np.float32), "c": np.zeros(2, np.float32)}
+    assert [list(s) for s in hub.shard_state_dict(sd, 32)] == [["a"], ["b"], ["c"]]
+    assert [list(s) for s in hub.shard_state_dict(sd, 10_000)] == [["a", "b", "c"]]
+    assert hub.parse_size("2KiB") == 2048 and hub.parse_size("3mb") == 3_000_000
+
+
 def test_bf16_save_and_load(config, tmp_path):
     model = models.init_params(config, task="base", dtype=jnp.bfloat16)
     models.save_pretrained(model, tmp_path / "bf")
