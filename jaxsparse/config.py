@@ -113,6 +113,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     progress: bool = True
     sampled_grad_max_density: float = 0.03
+    dropout: bool = False
 
 
 @dataclasses.dataclass

@@ -278,13 +278,33 @@ def causal_lm_nll(
     return (nll * mask).sum(), mask.sum()
 
 
-def model_fn(model: Any) -> Callable[[PyTree, dict[str, jax.Array]], jax.Array]:
-    """``apply_model(params, batch) -> logits`` for :mod:`jaxsparse.train`."""
+def model_fn(model: Any, *, dropout: bool = False) -> Callable[..., jax.Array]:
+    """``apply_model(params, batch) -> logits`` for :mod:`jaxsparse.train`; with ``dropout``,
+    ``apply_model(params, batch, rng)`` with the model's dropout on (``takes_rng=True``)."""
+    if dropout:
+
+        def apply_model_dropout(params: PyTree, batch: dict[str, jax.Array], rng: jax.Array) -> jax.Array:
+            return model.apply_fn(params, batch["input_ids"], batch["attention_mask"], dropout_rng=rng)
+
+        return apply_model_dropout
 
     def apply_model(params: PyTree, batch: dict[str, jax.Array]) -> jax.Array:
         return model.apply_fn(params, batch["input_ids"], batch["attention_mask"])
 
     return apply_model
+
+
+def check_dropout(cfg: Config, model: Any) -> None:
+    """``train.dropout`` needs a model whose architecture implements dropout."""
+    from jaxsparse import models
+
+    arch = models.ARCHITECTURES.get(model.model_type)
+    if cfg.train.dropout and not (arch is not None and arch.dropout):
+        supported = sorted(m for m, a in models.ARCHITECTURES.items() if a.dropout)
+        raise ConfigError(
+            f"'train.dropout' = true: model_type {model.model_type!r} has no dropout in jaxsparse; "
+            f"supported: {supported} (or set train.dropout=false)"
+        )
 
 
 def train_loss_fn(task: str) -> Callable[[jax.Array, dict[str, jax.Array]], jax.Array]:
@@ -551,6 +571,7 @@ def train(
     log(f"loading data ({cfg.data.source}) and model ({cfg.model.path}) ...")
     prepared = prepare(cfg, model=model, tokenizer=tokenizer)
     model, adapter = prepared.model, prepared.adapter
+    check_dropout(cfg, model)
     base_params = model.params
     task, t = cfg.task, cfg.train
     num_labels = len(prepared.label_names)
@@ -574,9 +595,10 @@ def train(
     metrics_log = MetricsLog(out / "metrics.jsonl", start_step if resume else None)
 
     train_step = train_lib.make_train_step(
-        model_fn(model),
+        model_fn(model, dropout=t.dropout),
         train_loss_fn(task),
         optimizer,
+        takes_rng=t.dropout,
         factored=True,
         sampled_max_density=t.sampled_grad_max_density,
     )

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from jaxsparse import config as config_lib
+from jaxsparse import delta as delta_lib
 from jaxsparse import trainer
 from jaxsparse.models.base import Model
 
@@ -279,6 +280,31 @@ def test_sparse_methods_on_tiny_bert_write_their_format(tmp_path, method):
     np.testing.assert_allclose(loaded.dense["classifier.kernel"], result.adapter.dense["classifier.kernel"])
     with open(os.path.join(result.adapter_dir, "config.json")) as f:
         assert json.load(f)["id2label"] == {"0": "neg", "1": "pos"}
+
+
+def test_dropout_trains_reproducibly_and_differs_from_no_dropout(tmp_path):
+    model_dir, data = write_tiny_bert(tmp_path)  # BertConfig defaults: hidden/attention dropout 0.1
+    finals = {}
+    for name, extra in [("a", ["train.dropout=true"]), ("b", ["train.dropout=true"]), ("off", [])]:
+        overrides = [
+            *tiny_overrides(tmp_path, model_dir, data, "sparta"),
+            "train.steps=4",
+            f"output={tmp_path / name}",
+        ]
+        result = trainer.train(config_lib.load_config(None, [*overrides, *extra]), log=_quiet)
+        finals[name] = np.concatenate(
+            [np.asarray(x).ravel() for x in jax.tree.leaves(delta_lib.trainable(result.adapter))]
+        )
+    np.testing.assert_array_equal(finals["a"], finals["b"])  # the dropout keys come from the seed
+    assert np.abs(finals["a"] - finals["off"]).max() > 1e-6
+
+
+def test_dropout_on_a_model_without_it_is_a_config_error(tmp_path, no_adapter_save):
+    cfg = tiny_config(tmp_path, "full", "train.dropout=true")
+    with pytest.raises(
+        config_lib.ConfigError, match=r"'train.dropout' = true: model_type 'tiny' has no dropout"
+    ):
+        trainer.train(cfg, model=tiny_classifier(), log=_quiet)
 
 
 @pytest.mark.real

@@ -52,6 +52,7 @@ class Architecture:
       from the config class name.
     - ``init``: ``init(config, abstract_params, seed) -> params`` replacing :func:`default_init`
       (e.g. GPT-2's scaled residual projections, Gemma's zero-centred norms).
+    - ``dropout``: whether the models take ``dropout_rng=`` (training-time dropout at the config's rates).
     """
 
     model_type: str
@@ -63,6 +64,7 @@ class Architecture:
     ignore_keys: tuple[str, ...] = ()
     hf_class_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
     init: Callable[[Any, Any, int], Any] | None = None
+    dropout: bool = False
 
     def hf_class_name(self, config: Any, task: str) -> str:
         """The transformers model class for ``task`` (what ``config.architectures`` names)."""

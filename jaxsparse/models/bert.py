@@ -2,7 +2,8 @@
 
 Parameter paths are the transformers module paths: ``embeddings.word_embeddings.embedding``,
 ``encoder.layer.0.attention.self.query.kernel``, ``pooler.dense.kernel`` for ``"base"``; the same under
-``bert.`` plus ``classifier.kernel`` for ``"seq_cls"``. Inference only (no dropout).
+``bert.`` plus ``classifier.kernel`` for ``"seq_cls"``. Dropout (``hidden_dropout_prob``,
+``attention_probs_dropout_prob``, ``classifier_dropout``) runs only when a ``dropout_rng`` is given.
 
 Example:
     >>> import jax.numpy as jnp, transformers
@@ -43,8 +44,9 @@ class BertEmbeddings(nnx.Module):
         )
         self.token_type_embeddings = layers.embed(config.type_vocab_size, h, std=std, dtype=dtype, rngs=rngs)
         self.LayerNorm = layers.layer_norm(h, eps=config.layer_norm_eps, dtype=dtype, rngs=rngs)
+        self.dropout_rate = config.hidden_dropout_prob
 
-    def __call__(self, input_ids, token_type_ids=None, position_ids=None):
+    def __call__(self, input_ids, token_type_ids=None, position_ids=None, drop=layers.NO_DROPOUT):
         if position_ids is None:
             position_ids = jnp.arange(input_ids.shape[1])[None, :]
         if token_type_ids is None:
@@ -54,7 +56,7 @@ class BertEmbeddings(nnx.Module):
             + self.token_type_embeddings(token_type_ids)
             + self.position_embeddings(position_ids)
         )
-        return self.LayerNorm(x)
+        return drop(self.LayerNorm(x), self.dropout_rate)
 
 
 class BertSelfAttention(nnx.Module):
@@ -68,10 +70,12 @@ class BertSelfAttention(nnx.Module):
         self.query = layers.linear(h, h, std=std, dtype=dtype, rngs=rngs)
         self.key = layers.linear(h, h, std=std, dtype=dtype, rngs=rngs)
         self.value = layers.linear(h, h, std=std, dtype=dtype, rngs=rngs)
+        self.dropout_rate = config.attention_probs_dropout_prob
 
-    def __call__(self, x, mask):
+    def __call__(self, x, mask, drop=layers.NO_DROPOUT):
         q, k, v = (layers.split_heads(f(x), self.num_heads) for f in (self.query, self.key, self.value))
-        return layers.merge_heads(layers.dot_product_attention(q, k, v, mask=mask))
+        out = layers.dot_product_attention(q, k, v, mask=mask, dropout=drop, dropout_rate=self.dropout_rate)
+        return layers.merge_heads(out)
 
 
 class BertSelfOutput(nnx.Module):
@@ -81,9 +85,10 @@ class BertSelfOutput(nnx.Module):
         h = config.hidden_size
         self.dense = layers.linear(in_features, h, std=config.initializer_range, dtype=dtype, rngs=rngs)
         self.LayerNorm = layers.layer_norm(h, eps=config.layer_norm_eps, dtype=dtype, rngs=rngs)
+        self.dropout_rate = config.hidden_dropout_prob
 
-    def __call__(self, x, residual):
-        return self.LayerNorm(self.dense(x) + residual)
+    def __call__(self, x, residual, drop=layers.NO_DROPOUT):
+        return self.LayerNorm(drop(self.dense(x), self.dropout_rate) + residual)
 
 
 class BertAttention(nnx.Module):
@@ -91,8 +96,8 @@ class BertAttention(nnx.Module):
         self.self = BertSelfAttention(config, dtype, rngs)
         self.output = BertSelfOutput(config.hidden_size, config, dtype, rngs)
 
-    def __call__(self, x, mask):
-        return self.output(self.self(x, mask), x)
+    def __call__(self, x, mask, drop=layers.NO_DROPOUT):
+        return self.output(self.self(x, mask, drop), x, drop)
 
 
 class BertIntermediate(nnx.Module):
@@ -112,18 +117,18 @@ class BertLayer(nnx.Module):
         self.intermediate = BertIntermediate(config, dtype, rngs)
         self.output = BertSelfOutput(config.intermediate_size, config, dtype, rngs)
 
-    def __call__(self, x, mask):
-        x = self.attention(x, mask)
-        return self.output(self.intermediate(x), x)
+    def __call__(self, x, mask, drop=layers.NO_DROPOUT):
+        x = self.attention(x, mask, drop)
+        return self.output(self.intermediate(x), x, drop)
 
 
 class BertEncoder(nnx.Module):
     def __init__(self, config: Any, dtype: Any, rngs: nnx.Rngs):
         self.layer = nnx.List([BertLayer(config, dtype, rngs) for _ in range(config.num_hidden_layers)])
 
-    def __call__(self, x, mask):
+    def __call__(self, x, mask, drop=layers.NO_DROPOUT):
         for layer in self.layer:
-            x = layer(x, mask)
+            x = layer(x, mask, drop)
         return x
 
 
@@ -145,9 +150,16 @@ class BertModel(nnx.Module):
         self.encoder = BertEncoder(config, dtype, rngs)
         self.pooler = BertPooler(config, dtype, rngs)
 
-    def __call__(self, input_ids, attention_mask=None, *, token_type_ids=None, position_ids=None):
-        x = self.embeddings(input_ids, token_type_ids, position_ids)
-        return self.encoder(x, layers.padding_mask(attention_mask))
+    def __call__(
+        self, input_ids, attention_mask=None, *, token_type_ids=None, position_ids=None, dropout_rng=None
+    ):
+        return self.encode(
+            input_ids, attention_mask, token_type_ids, position_ids, layers.Dropout(dropout_rng)
+        )
+
+    def encode(self, input_ids, attention_mask, token_type_ids, position_ids, drop):
+        x = self.embeddings(input_ids, token_type_ids, position_ids, drop)
+        return self.encoder(x, layers.padding_mask(attention_mask), drop)
 
 
 class BertForSequenceClassification(nnx.Module):
@@ -158,12 +170,15 @@ class BertForSequenceClassification(nnx.Module):
         self.classifier = layers.linear(
             config.hidden_size, config.num_labels, std=config.initializer_range, dtype=dtype, rngs=rngs
         )
+        rate = getattr(config, "classifier_dropout", None)
+        self.dropout_rate = config.hidden_dropout_prob if rate is None else rate
 
-    def __call__(self, input_ids, attention_mask=None, *, token_type_ids=None, position_ids=None):
-        hidden = self.bert(
-            input_ids, attention_mask, token_type_ids=token_type_ids, position_ids=position_ids
-        )
-        return self.classifier(self.bert.pooler(hidden))
+    def __call__(
+        self, input_ids, attention_mask=None, *, token_type_ids=None, position_ids=None, dropout_rng=None
+    ):
+        drop = layers.Dropout(dropout_rng)
+        hidden = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids, drop)
+        return self.classifier(drop(self.bert.pooler(hidden), self.dropout_rate))
 
 
 def _factory(config: Any, task: str, dtype: Any, rngs: nnx.Rngs) -> nnx.Module:
@@ -193,5 +208,6 @@ ARCHITECTURE = register(
         build=nnx_build(_factory),
         base_model_prefix="bert",
         init=init_zero_padding_row,
+        dropout=True,
     )
 )

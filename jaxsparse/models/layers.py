@@ -175,6 +175,39 @@ def combine_masks(*masks: Any) -> Any:
     return out
 
 
+class Dropout:
+    """Dropout for one forward pass: each call site draws its own key from ``rng``; no ``rng``, no dropout.
+
+    Models take it as ``dropout_rng=`` (training); without it (the default) every site is the
+    identity, so inference is deterministic. Kept units are scaled by ``1 / (1 - rate)``, as in
+    ``torch.nn.Dropout``. Sites are numbered in call order, so one key gives one reproducible mask set.
+
+    Example:
+        >>> x = jnp.ones((1000,))
+        >>> y = Dropout(jax.random.key(0))(x, 0.25)
+        >>> round(float((y == 0).mean()), 1), sorted({float(v) for v in y.tolist()})
+        (0.2, [0.0, 1.3333333730697632])
+        >>> bool((Dropout(None)(x, 0.25) == x).all())
+        True
+    """
+
+    def __init__(self, rng: jax.Array | None):
+        self.rng = rng
+        self._sites = 0
+
+    def __call__(self, x: jax.Array, rate: float | None) -> jax.Array:
+        if self.rng is None or not rate:
+            return x
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+        self._sites += 1
+        keep = jax.random.bernoulli(jax.random.fold_in(self.rng, self._sites), 1.0 - rate, x.shape)
+        return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+NO_DROPOUT = Dropout(None)
+
+
 def dot_product_attention(
     query: Float[Array, "B Tq N D"],
     key: Float[Array, "B Tk K D"],
@@ -183,6 +216,8 @@ def dot_product_attention(
     mask: Bool[Array, "B N Tq Tk"] | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    dropout: Dropout = NO_DROPOUT,
+    dropout_rate: float = 0.0,
 ) -> Float[Array, "B Tq N D"]:
     """Softmax attention as transformers' eager/SDPA path computes it, grouped-query aware.
 
@@ -191,7 +226,8 @@ def dot_product_attention(
     (B, N, Tq, Tk), True = may attend) removes keys with the dtype's most negative value, not
     ``-inf``, so a fully padded query row stays finite. Scores and softmax run in float32 and the
     result is cast back to the query dtype. ``scale`` defaults to ``1/sqrt(D)``; ``softcap`` applies
-    ``softcap * tanh(scores / softcap)`` (Gemma 2).
+    ``softcap * tanh(scores / softcap)`` (Gemma 2). ``dropout`` at ``dropout_rate`` drops attention
+    probabilities (after the softmax, as transformers does).
     """
     num_heads, num_kv = query.shape[2], key.shape[2]
     if num_heads % num_kv:
@@ -208,7 +244,7 @@ def dot_product_attention(
         scores = softcap * jnp.tanh(scores / softcap)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1)
+    weights = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate)
     out = jnp.einsum("bnqk,bknd->bqnd", weights, value.astype(jnp.float32))
     return out.astype(query.dtype)
 

@@ -167,3 +167,57 @@ def test_matmul_precision_follows_jax_config():
     assert all("HIGHEST" in p for p in highest), highest
     fastest, _ = dot_precisions("bfloat16")
     assert not any("HIGHEST" in p for p in fastest), fastest
+
+
+def _dropout_config(hidden=0.0, attention=0.0, classifier=None):
+    return transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+        hidden_dropout_prob=hidden,
+        attention_probs_dropout_prob=attention,
+        classifier_dropout=classifier,
+    )
+
+
+def test_dropout_is_off_without_a_key_and_at_rate_zero(padded_batch):
+    ids, mask = padded_batch
+    for rates, key in [((0.1, 0.1, None), None), ((0.0, 0.0, 0.0), jax.random.key(0))]:
+        model = models.init_params(_dropout_config(*rates), task="seq_cls", seed=0)
+        plain = model.apply_fn(model.params, jnp.asarray(ids), jnp.asarray(mask))
+        keyed = model.apply_fn(model.params, jnp.asarray(ids), jnp.asarray(mask), dropout_rng=key)
+        np.testing.assert_array_equal(np.asarray(keyed), np.asarray(plain))
+
+
+def test_dropout_masks_follow_the_key(padded_batch):
+    ids, mask = jnp.asarray(padded_batch[0]), jnp.asarray(padded_batch[1])
+    model = models.init_params(_dropout_config(0.2, 0.2), task="seq_cls", seed=0)
+    run = jax.jit(lambda p, k: model.apply_fn(p, ids, mask, dropout_rng=k))
+    plain = model.apply_fn(model.params, ids, mask)
+    a, b, c = (np.asarray(run(model.params, jax.random.key(s))) for s in (1, 1, 2))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-4 and np.abs(a - np.asarray(plain)).max() > 1e-4
+    grads = jax.grad(lambda p: run(p, jax.random.key(1)).sum())(model.params)
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_classifier_dropout_matches_numpy_oracle(padded_batch):
+    """Only the classifier drops (rate 0.5): logits = (pooled * mask / 0.5) @ W + b, the mask drawn
+    as Dropout's first site from the key; pooled from the deterministic model."""
+    ids, mask = jnp.asarray(padded_batch[0]), jnp.asarray(padded_batch[1])
+    model = models.init_params(_dropout_config(classifier=0.5), task="seq_cls", seed=0)
+    key = jax.random.key(3)
+    got = np.asarray(model.apply_fn(model.params, ids, mask, dropout_rng=key))
+    base = models.init_params(_dropout_config(), task="base", seed=0)
+    base_params = model.params["bert"]
+    hidden = base.apply_fn(base_params, ids, mask)
+    pooler = base_params["pooler"]["dense"]
+    pooled = np.tanh(np.asarray(hidden)[:, 0] @ np.asarray(pooler["kernel"]) + np.asarray(pooler["bias"]))
+    keep = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, 1), 0.5, pooled.shape))
+    head = model.params["classifier"]
+    want = (pooled * keep / 0.5) @ np.asarray(head["kernel"]) + np.asarray(head["bias"])
+    assert 0 < keep.mean() < 1
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
