@@ -183,10 +183,10 @@ class Dropout:
     ``torch.nn.Dropout``. Sites are numbered in call order, so one key gives one reproducible mask set.
 
     Example:
-        >>> x = jnp.ones((1000,))
+        >>> x = jnp.ones((10_000,))
         >>> y = Dropout(jax.random.key(0))(x, 0.25)
-        >>> round(float((y == 0).mean()), 1), sorted({float(v) for v in y.tolist()})
-        (0.2, [0.0, 1.3333333730697632])
+        >>> abs(float((y == 0).mean()) - 0.25) < 0.02, sorted({float(v) for v in y.tolist()})
+        (True, [0.0, 1.3333333730697632])
         >>> bool((Dropout(None)(x, 0.25) == x).all())
         True
     """
