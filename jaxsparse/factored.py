@@ -61,14 +61,6 @@ class AdaptedKernel:
     delta: Any
     sampled_grad: bool = static(False)
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.base.shape)
-
-    @property
-    def dtype(self) -> Any:
-        return self.base.dtype
-
     def dense(self) -> Array:
         """The effective kernel ``base + delta``, formed densely."""
         return self.delta.apply(self.base)
@@ -98,8 +90,9 @@ def matmul(
         a = delta.a if delta.rank_mask is None else delta.a * delta.rank_mask.astype(delta.a.dtype)
         low_rank = _dot(_dot(x, a.astype(x.dtype), precision), delta.b.astype(x.dtype), precision)
         return _dot(x, kernel.base, precision) + low_rank * jnp.asarray(delta.scale, x.dtype)
-    if isinstance(delta, SparseDelta) and kernel.sampled_grad:
-        return _sparse_matmul(x, kernel.base, delta.indices, delta.values, precision)
+    if isinstance(delta, SparseDelta) and kernel.sampled_grad and precision is None:
+        # The custom gradient uses the default precision; an explicit precision takes the dense path.
+        return _sparse_matmul(x, kernel.base, delta.indices, delta.values)
     return _dot(x, kernel.dense(), precision)
 
 
@@ -135,15 +128,8 @@ def sampled_product(
 
 
 @jax.custom_vjp
-def _sparse_matmul_vjp(x: Array, base: Array, indices: Array, values: Array) -> Array:
+def _sparse_matmul(x: Array, base: Array, indices: Array, values: Array) -> Array:
     return _dot(x, SparseDelta(indices, values, tuple(base.shape)).apply(base), None)
-
-
-def _sparse_matmul(x: Array, base: Array, indices: Array, values: Array, precision: Any) -> Array:
-    if precision is not None:
-        # The custom rule below uses the default precision; honour an explicit request densely.
-        return _dot(x, SparseDelta(indices, values, tuple(base.shape)).apply(base), precision)
-    return _sparse_matmul_vjp(x, base, indices, values)
 
 
 def _sparse_matmul_fwd(x, base, indices, values):
@@ -170,4 +156,4 @@ def _sparse_matmul_bwd(residuals, dy):
     return dx, dbase, None, dvalues
 
 
-_sparse_matmul_vjp.defvjp(_sparse_matmul_fwd, _sparse_matmul_bwd, symbolic_zeros=True)
+_sparse_matmul.defvjp(_sparse_matmul_fwd, _sparse_matmul_bwd, symbolic_zeros=True)

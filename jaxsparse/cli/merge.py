@@ -10,9 +10,10 @@ DESCRIPTION = """\
 Merge an adapter (jaxsparse, PEFT SHiRA/LoRA or SpaRTA) into its base model and write a Hugging
 Face checkpoint (config.json + model.safetensors, sharded above --max-shard-size, and the base
 model's tokenizer when it has one) that transformers.AutoModel*.from_pretrained loads with no
-adapter library. MODEL is a local Hugging Face directory or a .gguf file (dequantized on load; the merged checkpoint is full precision).
-A sequence-classification adapter gives a *ForSequenceClassification checkpoint with its head.
-The output directory appears complete or not at all.
+adapter library. MODEL is a local Hugging Face directory or a .gguf file (dequantized on load; the
+merged checkpoint is full precision). A sequence-classification adapter gives a
+*ForSequenceClassification checkpoint with its head. The output directory appears complete or not
+at all.
 
 examples:
   jaxsparse merge --model path/to/hf-model --adapter runs/shira/adapter --output merged/
