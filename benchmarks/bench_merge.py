@@ -4,12 +4,22 @@ Both frameworks hold the *same* adapter: PEFT builds two SHiRA adapters ("one", 
 random values) on the torch model and saves them; jaxsparse loads those files with
 ``jaxsparse.adapter_io.load_adapter``. Then, interleaved per round:
 
+- the floor: one jitted, donated scatter-add of the same k entries (sorted random positions) into
+  one flat float32 buffer of the targeted weights' total size; every op is reported as a multiple
+  of it (``x floor``) and as PEFT's time over ours, both from medians of the same run;
 - jaxsparse: ``merge.merge(params, a, donate=True)``, ``merge.switch(..., a, saved, b, donate=True)``,
   ``merge.unmerge(..., b, saved, donate=True)`` (jitted scatters, weights updated in place), plus
-  ``merge.merge(params, a)`` without donation (copies every targeted weight) and ``merge.validate``
-  alone (the checks every public call runs first);
+  ``merge.merge(params, a)`` without donation (copies every targeted weight; compared with one copy
+  of the targeted weights, also timed, plus the floor) and ``merge.validate`` alone (run once on
+  load; merge of a loaded adapter only re-checks paths and shapes on the host);
 - PEFT: ``merge_adapter(["one"])``, switch = ``unmerge_adapter(); merge_adapter(["two"])``,
-  ``unmerge_adapter()`` under ``torch.no_grad()`` with ``torch.set_num_threads(2)``.
+  ``unmerge_adapter()`` under ``torch.no_grad()`` with ``torch.set_num_threads(2)``;
+- LoRA fusion of equal parameter count (LoRA rank r has r(m+n) parameters per linear, as SHiRA r
+  has entries): PEFT ``merge_adapter`` of a LoRA adapter (B·A added to each weight) and jaxsparse
+  ``merge.merge(..., donate=True)`` of the same factors;
+- the path users feel, adapter files on disk to merged params: jaxsparse ``load_adapter`` +
+  ``merge(..., donate=True)`` vs PEFT ``load_adapter`` + ``merge_adapter`` (each followed by an
+  untimed reset: unmerge, and PEFT ``delete_adapter``).
 
 Sanity lines: the merged weights of both frameworks (max abs diff over every targeted weight) and how
 far each framework's weights are from the originals after merge + unmerge (PEFT subtracts the delta
@@ -139,6 +149,29 @@ def bench_one(
 
     # ---- timing: one call of each op per round, in this order
     state: dict = {"params": jax.tree.map(lambda x: x.copy(), ours.params)}
+    merge.validate(state["params"], b)  # as load_adapter did for `a` (b was loaded against ours.params too)
+
+    rng = np.random.default_rng(0)
+    floor_idx = jax.numpy.asarray(
+        np.sort(rng.choice(numel_total, size=k_total, replace=False)).astype(np.int32)
+    )
+    floor_val = jax.numpy.asarray(rng.standard_normal(k_total).astype(np.float32))
+    floor_scatter = jax.jit(
+        lambda buf, idx, v: buf.at[idx].add(v, indices_are_sorted=True, unique_indices=True), donate_argnums=0
+    )
+    state["floor"] = floor_scatter(jax.numpy.zeros(numel_total, jax.numpy.float32), floor_idx, floor_val)
+    copy_targets = jax.jit(lambda ws: {p: w.copy() for p, w in ws.items()})
+    from jaxsparse.tree import get_leaf
+
+    def targeted() -> dict:
+        return {p: get_leaf(state["params"], p) for p in paths}
+
+    def jax_floor() -> None:
+        state["floor"] = floor_scatter(state["floor"], floor_idx, floor_val)
+        state["floor"].block_until_ready()
+
+    def jax_copy() -> None:
+        jax.block_until_ready(copy_targets(targeted()))
 
     def jax_merge_copy() -> None:
         jax.block_until_ready(merge.merge(state["params"], a))
@@ -171,7 +204,64 @@ def bench_one(
         with torch.no_grad():
             pm.unmerge_adapter()
 
+    # LoRA of equal parameter count, on a second PEFT model (PEFT does not mix SHiRA and LoRA)
+    lora_cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False)
+    pm_lora = peft.get_peft_model(copy.deepcopy(torch_base), lora_cfg, adapter_name="fused").eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        pm_lora.save_pretrained(tmp)
+        lora = load_adapter(Path(tmp) / "fused", ours.params)
+    lora_params = sum(int(x.size) for d in lora.deltas.values() for x in (d.a, d.b))
+
+    def jax_lora_merge_only() -> None:
+        state["params"], state["saved"] = merge.merge(state["params"], lora, donate=True)
+        jax.block_until_ready(state["params"])
+
+    def jax_lora_reset() -> None:
+        state["params"] = merge.unmerge(state["params"], lora, state["saved"], donate=True)
+        jax.block_until_ready(state["params"])
+
+    def peft_lora_merge() -> None:
+        with torch.no_grad():
+            pm_lora.merge_adapter(["fused"])
+
+    def peft_lora_reset() -> None:
+        with torch.no_grad():
+            pm_lora.unmerge_adapter()
+
+    # disk -> merged params
+    disk = tempfile.TemporaryDirectory()
+    pm.save_pretrained(disk.name)
+    pm_disk = peft.get_peft_model(
+        copy.deepcopy(torch_base),
+        peft.ShiraConfig(r=r, target_modules=targets, init_weights=False, random_seed=1),
+        adapter_name="base",
+    ).eval()
+
+    def jax_disk_merge() -> None:
+        adapter = load_adapter(Path(disk.name) / "one", ours.params)
+        state["params"], state["saved"] = merge.merge(state["params"], adapter, donate=True)
+        state["disk_adapter"] = adapter
+        jax.block_until_ready(state["params"])
+
+    def jax_disk_reset() -> None:
+        state["params"] = merge.unmerge(
+            state["params"], state.pop("disk_adapter"), state["saved"], donate=True
+        )
+        jax.block_until_ready(state["params"])
+
+    def peft_disk_merge() -> None:
+        pm_disk.load_adapter(str(Path(disk.name) / "one"), adapter_name="disk")
+        with torch.no_grad():
+            pm_disk.merge_adapter(["disk"])
+
+    def peft_disk_reset() -> None:
+        with torch.no_grad():
+            pm_disk.unmerge_adapter()
+        pm_disk.delete_adapter("disk")
+
     fns = {
+        "floor": jax_floor,
+        "jax copy of targeted weights": jax_copy,
         "jax merge (copy, no donation)": jax_merge_copy,
         "jax validate only": jax_validate,
         "jax merge": jax_merge,
@@ -180,6 +270,14 @@ def bench_one(
         "peft switch": torch_switch,
         "jax unmerge": jax_unmerge,
         "peft unmerge": torch_unmerge,
+        "jax lora merge": jax_lora_merge_only,
+        "jax lora reset (untimed use)": jax_lora_reset,
+        "peft lora merge": peft_lora_merge,
+        "peft lora reset (untimed use)": peft_lora_reset,
+        "jax disk->merged": jax_disk_merge,
+        "jax disk reset (untimed use)": jax_disk_reset,
+        "peft disk->merged": peft_disk_merge,
+        "peft disk reset (untimed use)": peft_disk_reset,
     }
     # The first round compiles each jitted scatter (timed separately here).
     compile_s = {}
@@ -188,7 +286,11 @@ def bench_one(
     for name in ("peft merge", "peft switch", "peft unmerge"):
         fns[name]()
     times = common.interleaved(fns, repeats=repeats, warmup=1, progress=f"{model_name} r={r}")
-    ratios = {op: times[f"peft {op}"]["median_ms"] / times[f"jax {op}"]["median_ms"] for op in OPS}
+    disk.cleanup()
+    med = {name: t["median_ms"] for name, t in times.items()}
+    ops = (*OPS, "lora merge", "disk->merged")
+    ratios = {op: med[f"peft {op}"] / med[f"jax {op}"] for op in ops}
+    floor = med["floor"]
     return {
         "model": model_name,
         "r": r,
@@ -199,6 +301,18 @@ def bench_one(
         "times": times,
         "first_call_s (compile included)": compile_s,
         "ratio_peft_over_jax (median)": ratios,
+        "floor_ms (median)": floor,
+        "multiple_of_floor (median)": {
+            **{f"jax {op}": med[f"jax {op}"] / floor for op in ops},
+            **{f"peft {op}": med[f"peft {op}"] / floor for op in ops},
+        },
+        "copy_merge_vs_copy_plus_floor": med["jax merge (copy, no donation)"]
+        / (med["jax copy of targeted weights"] + floor),
+        "shira_merge_speedup_over_lora_merge (median)": {
+            "vs jax lora": med["jax lora merge"] / med["jax merge"],
+            "vs peft lora": med["peft lora merge"] / med["jax merge"],
+        },
+        "lora_params": lora_params,
         "max_abs_diff_merged_peft_vs_jax": merged_diff,
         "max_abs_err_after_unmerge": {"peft": torch_unmerge_err, "jax": ours_unmerge_err},
     }
@@ -261,6 +375,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"{op} jax {t[f'jax {op}']['median_ms']:.2f} / peft {t[f'peft {op}']['median_ms']:.2f} ms"
                     for op in OPS
                 )
+                + f"; floor {res['floor_ms (median)']:.2f} ms; x floor "
+                + ", ".join(f"{k} {v:.2f}" for k, v in res["multiple_of_floor (median)"].items())
                 + f"; merged diff {res['max_abs_diff_merged_peft_vs_jax']:.1e}",
                 file=sys.stderr,
             )

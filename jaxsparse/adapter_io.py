@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -59,7 +60,7 @@ def adapter_format(adapter_dir: str | os.PathLike) -> str:
     peft_config = os.path.join(adapter_dir, PEFT_CONFIG)
     if os.path.isfile(peft_config):
         peft_type = read_json(peft_config).get("peft_type")
-        if peft_type not in PEFT_TYPES:
+        if not isinstance(peft_type, str) or peft_type not in PEFT_TYPES:
             raise AdapterFormatError(
                 f"{peft_config}: unsupported peft_type {peft_type!r}; jaxsparse reads {sorted(PEFT_TYPES)}"
             )
@@ -76,20 +77,16 @@ def adapter_format(adapter_dir: str | os.PathLike) -> str:
 
 
 def _default_format(adapter: Adapter) -> str:
-    from jaxsparse.methods.shira import ShiraConfig
-    from jaxsparse.methods.sparta import SpartaConfig
+    from jaxsparse.methods import registry
 
     config = adapter.config
-    if isinstance(config, ShiraConfig):
-        return "peft_shira"
-    if isinstance(config, SpartaConfig):
-        return "sparta"
-    if type(config).__name__ == "LoraConfig":
-        return "peft_lora"
-    raise ValueError(
-        f"cannot tell the on-disk format for an adapter with config {type(config).__name__}; pass format= "
-        f"one of {FORMATS}"
-    )
+    try:
+        return registry.for_config(config).native_format
+    except ValueError:
+        raise ValueError(
+            f"cannot tell the on-disk format for an adapter with config {type(config).__name__}; pass format= "
+            f"one of {FORMATS}"
+        ) from None
 
 
 def _model_parts(model: Any, params: PyTree | None, fan_in_fan_out: Sequence[str] | None) -> tuple[Any, Any]:
@@ -115,13 +112,16 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
     fan_in_fan_out: Sequence[str] | None = None,
     hf_config: Any = None,
+    overwrite: bool = False,
 ) -> str:
     """Write ``adapter`` to ``out_dir`` in ``format`` (default: its method's native format); returns it.
 
     ``model`` (a :class:`jaxsparse.models.base.Model`) supplies ``params``, ``fan_in_fan_out``, the
     Hugging Face config (copied into a SpaRTA ``config.json``) and the base model's name; each can
     also be given on its own. With params, the adapter is validated against them first, so a bad
-    adapter never reaches the disk.
+    adapter never reaches the disk. ``out_dir`` must be new or empty; with ``overwrite=True`` it may
+    also be a previous jaxsparse output holding nothing else (:func:`jaxsparse.atomic.atomic_dir`):
+    nothing else is ever deleted.
     """
     format = format or _default_format(adapter)
     if format not in FORMATS:
@@ -135,7 +135,13 @@ def save_adapter(
     if format == "peft_shira":
         from jaxsparse.convert.peft_shira import save_peft_shira
 
-        save_peft_shira(adapter, out_dir, base_model_name_or_path=base, fan_in_fan_out=fan_in_fan_out)
+        save_peft_shira(
+            adapter,
+            out_dir,
+            base_model_name_or_path=base,
+            fan_in_fan_out=fan_in_fan_out,
+            overwrite=overwrite,
+        )
     elif format == "sparta":
         from jaxsparse.convert.sparta import save_sparta
 
@@ -146,12 +152,30 @@ def save_adapter(
             hf_config=hf_config if hf_config is not None else getattr(model, "config", None),
             params=params,
             fan_in_fan_out=fan_in_fan_out,
+            overwrite=overwrite,
         )
     else:
         from jaxsparse.convert.peft_lora import save_peft_lora
 
         architectures = getattr(getattr(model, "config", None), "architectures", None) or [None]
-        save_peft_lora(adapter, out_dir, fan_in_fan_out=fan_in_fan_out, base_model_class=architectures[0])
+        lora_config = adapter.config
+        if (
+            base_model_name_or_path
+            and dataclasses.is_dataclass(lora_config)
+            and hasattr(lora_config, "base_model_name_or_path")
+        ):
+            # PEFT LoRA records the base in its config, like PEFT's own adapter_config.json.
+            adapter = dataclasses.replace(
+                adapter,
+                config=dataclasses.replace(lora_config, base_model_name_or_path=base_model_name_or_path),
+            )
+        save_peft_lora(
+            adapter,
+            out_dir,
+            fan_in_fan_out=fan_in_fan_out,
+            base_model_class=architectures[0],
+            overwrite=overwrite,
+        )
     return format
 
 

@@ -10,10 +10,12 @@ its entries are moved into the destination, which is created (mode from the umas
 already exists, kept as it is (its permissions and any other handle on it stay valid, so
 ``--output .`` works). Before anything heavy runs, :func:`check_output_dir` refuses:
 
-- a destination that is a file, or whose parent cannot be written;
+- a destination that is a file (or a dangling link), lies below a file, or whose directory
+  (the nearest existing ancestor, for a new one) cannot be written;
 - a non-empty destination, unless ``overwrite=True`` *and* the directory is one jaxsparse wrote:
   it holds the marker file :data:`MARKER` and nothing the marker does not list. Then only the
-  entries it lists are replaced; anything else makes it refuse.
+  entries it lists are replaced; anything else makes it refuse. A marker naming anything but
+  plain entry names (``..``, a path) proves nothing.
 
 On any exception inside the block the temporary directory is removed and the destination is
 left exactly as it was.
@@ -40,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -60,6 +63,12 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def new_file_mode() -> int:
+    """The permissions ``open()`` gives a new file under the current umask (``0o666 & ~umask``):
+    for files written via ``tempfile.mkstemp`` (always 0600) and then renamed into place."""
+    return 0o666 & ~_umask()
 
 
 def _fsync_dir(path: PathLike) -> None:
@@ -88,11 +97,14 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         # mkstemp makes the file 0600; a file we write gets the mode open() would give it.
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno and e.strerror and e.filename is None:
+            # A full disk (ENOSPC from write/fsync) names no file: name the one being written.
+            raise OSError(e.errno, e.strerror, path) from e
         raise
     _fsync_dir(parent)
 
@@ -112,14 +124,26 @@ def read_marker(path: PathLike) -> dict | None:
     if not isinstance(marker, dict) or marker.get("tool") != "jaxsparse":
         return None
     entries = marker.get("entries")
-    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+    if not isinstance(entries, list) or not all(_is_plain_name(e) for e in entries):
+        # A marker naming "..", a path or anything odd could make --overwrite reach outside
+        # the directory: it proves nothing, and the directory counts as foreign.
         return None
     return marker
 
 
+def _is_plain_name(entry: object) -> bool:
+    return (
+        isinstance(entry, str)
+        and entry not in ("", ".", "..", MARKER)
+        and os.sep not in entry
+        and (os.altsep is None or os.altsep not in entry)
+        and "\0" not in entry
+    )
+
+
 def write_marker(path: PathLike, entries: list[str], **info: object) -> None:
     """Record ``entries`` (top-level names in ``path``) as jaxsparse's own."""
-    from jaxsparse import __version__
+    from jaxsparse.version import __version__
 
     marker = {"tool": "jaxsparse", "version": __version__, **info, "entries": sorted(set(entries) - {MARKER})}
     atomic_write_text(os.path.join(path, MARKER), json.dumps(marker, indent=2) + "\n")
@@ -133,6 +157,13 @@ def foreign_entries(path: PathLike) -> list[str]:
     return [n for n in names if n not in own]
 
 
+def is_leftover(name: str) -> bool:
+    """Whether ``name`` is a temporary directory an interrupted jaxsparse write left inside an output
+    (``.jaxsparse-XXXX.tmp`` / ``.old``, from a kill -9 or a power cut): ours, never the user's, so it
+    neither makes a directory "not empty" nor "foreign". It is left in place (another run may own it)."""
+    return re.fullmatch(r"\.jaxsparse-[A-Za-z0-9_]+\.(tmp|old)", name) is not None
+
+
 def _nearest_existing(path: str) -> str:
     while not os.path.exists(path):
         parent = os.path.dirname(path)
@@ -140,6 +171,10 @@ def _nearest_existing(path: str) -> str:
             break
         path = parent
     return path
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def check_output_dir(path: PathLike, *, overwrite: bool = False, _ignore: str | None = None) -> None:
@@ -153,16 +188,17 @@ def check_output_dir(path: PathLike, *, overwrite: bool = False, _ignore: str | 
     if os.path.lexists(path) and not os.path.isdir(path):
         raise OutputExistsError(f"output {path!r} exists and is not a directory; choose a directory path")
     if os.path.isdir(path):
-        names = [n for n in os.listdir(path) if n != _ignore]
+        names = sorted(n for n in os.listdir(path) if n != _ignore and not is_leftover(n))
         if names and not overwrite:
             raise OutputExistsError(
-                f"output directory {path!r} is not empty ({len(names)} entries); choose a new or empty "
-                "directory, or pass --overwrite to replace a previous jaxsparse output there"
+                f"output directory {path!r} is not empty ({_shown(names)}); nothing was changed. Choose a "
+                "new or empty directory, or pass --overwrite (in Python: overwrite=True) to replace a previous jaxsparse "
+                "output there"
             )
         if names:
-            foreign = [n for n in foreign_entries(path) if n != _ignore]
+            foreign = [n for n in foreign_entries(path) if n != _ignore and not is_leftover(n)]
             if foreign:
-                shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+                shown = _shown(foreign)
                 why = (
                     "it holds entries jaxsparse did not write"
                     if read_marker(path)
@@ -173,6 +209,10 @@ def check_output_dir(path: PathLike, *, overwrite: bool = False, _ignore: str | 
                     "Choose another output directory"
                 )
     writable_dir = path if os.path.isdir(path) else _nearest_existing(os.path.dirname(path))
+    if not os.path.isdir(writable_dir):
+        raise OutputExistsError(
+            f"cannot create the output {path!r}: {writable_dir!r} is a file, not a directory"
+        )
     if not os.access(writable_dir, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write the output {path!r}: {writable_dir!r} is not writable")
 
@@ -180,15 +220,17 @@ def check_output_dir(path: PathLike, *, overwrite: bool = False, _ignore: str | 
 def _install(tmp: str, path: str, info: dict) -> None:
     """Move the entries of ``tmp`` into ``path``; our previous entries there are set aside first and
     restored if anything fails."""
-    new = sorted(os.listdir(tmp))
+    # A marker already in tmp (a nested atomic_dir wrote into it) is replaced by this one.
+    new = sorted(n for n in os.listdir(tmp) if n != MARKER)
     write_marker(tmp, new, **info)
     if not os.path.isdir(path):
         os.chmod(tmp, 0o777 & ~_umask())
         os.replace(tmp, path)
         return
     marker = read_marker(path)
-    own = [*(marker["entries"] if marker else []), MARKER]
-    old = [n for n in own if os.path.lexists(os.path.join(path, n))]
+    own = {*(marker["entries"] if marker else []), MARKER}
+    # Only names that are really there (listdir never yields "..", a path, or a missing name).
+    old = [n for n in sorted(os.listdir(path)) if n in own]
     # Set aside inside `path` itself: its parent (say /home for --output ~) may not be writable.
     aside = tempfile.mkdtemp(prefix=".jaxsparse-", suffix=".old", dir=path)
     moved_aside: list[str] = []
@@ -220,15 +262,21 @@ def atomic_dir(path: PathLike, *, overwrite: bool = False, **info: object) -> It
     ``path`` must be new, empty, or (with ``overwrite=True``) a previous jaxsparse output holding
     nothing else (see :func:`check_output_dir`, called first). A marker (:data:`MARKER`, with
     ``info`` such as the verb) records the entries as ours. On any exception inside the block, the
-    temporary directory is deleted and ``path`` is unchanged.
+    temporary directory (and any parent directory made for ``path``) is deleted and ``path`` is
+    unchanged.
     """
     path = os.path.abspath(os.fspath(path))
     check_output_dir(path, overwrite=overwrite)
     parent = os.path.dirname(path)
+    made_parents: list[str] = []  # deepest first
     if os.path.isdir(path):
         # Built inside the existing directory: same file system, and its parent may be read-only.
         tmp = tempfile.mkdtemp(prefix=".jaxsparse-", suffix=".tmp", dir=path)
     else:
+        missing = parent
+        while not os.path.exists(missing):
+            made_parents.append(missing)
+            missing = os.path.dirname(missing)
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
     try:
@@ -239,4 +287,7 @@ def atomic_dir(path: PathLike, *, overwrite: bool = False, **info: object) -> It
         _fsync_dir(path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for made in made_parents:
+            with contextlib.suppress(OSError):  # not empty any more: someone else's now
+                os.rmdir(made)
         raise

@@ -133,7 +133,9 @@ class Checkpointer:
         """Restore ``step`` (default: the latest) into the structure, dtypes and shardings of ``template``.
 
         ``template`` is a state built the same way as the saved one (e.g. ``init_train_state`` with
-        the same adapter config and optimizer); a mismatch raises :class:`CheckpointError`.
+        the same adapter config and optimizer); a mismatch raises :class:`CheckpointError`. The
+        arrays come back with the template's shardings, whatever the devices that saved them: a
+        checkpoint written on an 8-device mesh restores onto 2 devices, or one.
         """
         self._manager.wait_until_finished()
         if step is None:

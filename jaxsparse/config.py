@@ -33,12 +33,15 @@ from typing import Any, Union
 
 import yaml
 
-METHODS = ("shira", "sparta", "lora", "full")
+# `full` (every floating-point leaf trained) is the trainer's own; the adapter methods come from
+# jaxsparse.methods.registry (one module each).
+FULL_FINETUNE = "full"
 TASKS = ("seq_cls", "causal_lm")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16")
 MASK_TYPES = ("random",)
+ADAPTER_SHARDINGS = ("replicated", "fsdp")
 
 # Model names that resolve to the offline asset packages (ASSETS.md) instead of a path.
 ASSET_MODELS = {
@@ -114,6 +117,9 @@ class TrainConfig:
     progress: bool = True
     sampled_grad_max_density: float = 0.03
     dropout: bool = False
+    # Past one device (jaxsparse.sharding): "data=2,fsdp=4" or {data: 2, fsdp: 4}; null: one device.
+    mesh: str | dict[str, int] | None = None
+    adapter_sharding: str = "replicated"
 
 
 @dataclasses.dataclass
@@ -128,13 +134,20 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 
+def methods() -> tuple[str, ...]:
+    """The values ``method`` may take: every registered adapter method, and ``full``."""
+    from jaxsparse.methods import registry
+
+    return (*registry.names(), FULL_FINETUNE)
+
+
 CHOICES: dict[str, tuple[str, ...]] = {
-    "method": METHODS,
     "task": TASKS,
     "model.dtype": DTYPES,
     "train.optimizer": OPTIMIZERS,
     "train.schedule": SCHEDULES,
     "adapter.mask_type": MASK_TYPES,
+    "train.adapter_sharding": ADAPTER_SHARDINGS,
 }
 
 
@@ -145,6 +158,9 @@ def _type_name(tp: Any) -> str:
         return "null"
     if typing.get_origin(tp) is list:
         return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if typing.get_origin(tp) is dict:
+        key, value = typing.get_args(tp)
+        return f"mapping of {_type_name(key)} to {_type_name(value)}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -170,6 +186,18 @@ def _matches(value: Any, tp: Any) -> tuple[bool, Any]:
                 return False, value
             out.append(v)
         return True, out
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            return False, value
+        key_type, value_type = typing.get_args(tp)
+        out_map = {}
+        for k, x in value.items():
+            ok_key, k2 = _matches(k, key_type)
+            ok_value, v = _matches(x, value_type)
+            if not (ok_key and ok_value):
+                return False, value
+            out_map[k2] = v
+        return True, out_map
     if tp is bool:
         return isinstance(value, bool), value
     if tp is int:
@@ -284,6 +312,23 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def flatten(cfg: Config) -> dict[str, Any]:
+    """Every key of ``cfg`` as ``{"section.key": value}`` (``"seed"`` for top-level keys); a mapping
+    value such as ``train.mesh`` stays one value."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for field in dataclasses.fields(node):
+            value = getattr(node, field.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, prefix + field.name + ".")
+            else:
+                out[prefix + field.name] = value
+
+    walk(cfg, "")
+    return out
+
+
 def from_dict(raw: Mapping[str, Any], *, check_paths: bool = True) -> Config:
     """A validated :class:`Config` from a nested dict."""
     cfg = _from_dict(Config, raw, "")
@@ -356,7 +401,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     """
     from jaxsparse import data as data_lib
 
-    for key, allowed in CHOICES.items():
+    for key, allowed in {"method": methods(), **CHOICES}.items():
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key!r} = {value!r} is not allowed; allowed values: {list(allowed)}")
@@ -398,6 +443,8 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         value = _get(cfg, key)
         if value is not None and value < 1:
             raise ConfigError(f"{key!r} must be >= 1 or null, got {value}")
+    if t.mesh is not None:
+        _check_mesh(t)
     if cfg.task == "seq_cls" and d.source in ("csv", "jsonl") and d.label_column is None:
         raise ConfigError("'data.label_column' must name the label column for task 'seq_cls'")
     if not check_paths:
@@ -421,6 +468,22 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
                     raise ConfigError(
                         f"{ckey!r} = {col!r} is not a column of {value}; allowed values: {columns}"
                     )
+
+
+def _check_mesh(t: TrainConfig) -> None:
+    """The mesh's own shape and the batch split (the device count is checked when training starts)."""
+    from jaxsparse import sharding
+
+    try:
+        sizes = sharding.parse_mesh(t.mesh)
+    except ValueError as e:
+        raise ConfigError(f"'train.mesh' = {t.mesh!r}: {e}") from None
+    data = sizes["data"]
+    if data > 0 and t.batch_size % data:
+        raise ConfigError(
+            f"'train.batch_size' = {t.batch_size} is not divisible by the mesh's data axis ({data}): "
+            "each data-parallel group takes an equal share of every batch"
+        )
 
 
 def _get(cfg: Config, key: str) -> Any:

@@ -1,4 +1,4 @@
-"""Delta leaves and the adapter pytree.
+"""The adapter pytree: delta leaves and dense replacements keyed by parameter path, and ``apply``.
 
 An adapter mirrors the parameter paths it touches: ``deltas`` maps a parameter path (e.g.
 ``"model.layers.0.self_attn.q_proj.kernel"``) to a delta leaf, ``dense`` maps a parameter path to
@@ -6,7 +6,9 @@ a full trainable replacement (PEFT's ``modules_to_save``, e.g. a classifier head
 
 Only the fields each delta class names in ``trainable_fields`` are trained; :func:`trainable`
 and :func:`with_trainable` split an adapter into that small float tree and back, so an optax
-optimizer's state is O(k), never the size of the base model.
+optimizer's state is O(k), never the size of the base model. The delta leaves themselves
+(:class:`SparseDelta`, :class:`LowRankDelta`) are defined in :mod:`jaxsparse.delta_leaves`, below
+:mod:`jaxsparse.factored`, and re-exported here.
 
 Example:
     >>> import jax.numpy as jnp
@@ -20,97 +22,28 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
-import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array
 
+from jaxsparse import factored as factored_lib
 from jaxsparse import tree as tree_lib
+from jaxsparse.delta_leaves import Delta, LowRankDelta, SparseDelta, pytree_dataclass, static
 
 PyTree = Any
 
-
-def pytree_dataclass(cls: type) -> type:
-    """Frozen dataclass registered as a pytree; fields with ``metadata={"static": True}`` are aux data."""
-    cls = dataclasses.dataclass(frozen=True)(cls)
-    fields = dataclasses.fields(cls)
-    data = [f.name for f in fields if not f.metadata.get("static")]
-    meta = [f.name for f in fields if f.metadata.get("static")]
-    return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
-
-
-def static(default: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field stored as static (hashable) pytree metadata."""
-    return dataclasses.field(default=default, metadata={"static": True})
-
-
-@pytree_dataclass
-class SparseDelta:
-    """k entries added to a weight: ``w.flat[indices] += values``.
-
-    ``indices`` are sorted, unique int32 positions into the weight *in its own layout* (for a
-    Flax kernel, the (in, out) layout), ``values`` the k trainable entries, ``shape`` the weight's.
-    """
-
-    indices: Int[Array, " k"]
-    values: Float[Array, " k"]
-    shape: tuple[int, ...] = static()
-
-    trainable_fields: ClassVar[tuple[str, ...]] = ("values",)
-
-    @property
-    def k(self) -> int:
-        return int(self.indices.shape[0])
-
-    def apply(self, weight: Array) -> Array:
-        """``weight`` with the k entries added, computed in float32 and cast back (SpaRTA's merge rule).
-
-        Differentiable in ``values``: the gradient is the dense gradient gathered at ``indices``.
-        """
-        flat = weight.reshape(-1)
-        old = flat[self.indices]
-        new = (old.astype(jnp.float32) + self.values.astype(jnp.float32)).astype(weight.dtype)
-        return (
-            flat.at[self.indices].set(new, indices_are_sorted=True, unique_indices=True).reshape(weight.shape)
-        )
-
-
-@pytree_dataclass
-class LowRankDelta:
-    """A low-rank update of a Flax kernel (in, out): ``w += (a * rank_mask) @ b * scale``, optionally masked.
-
-    ``a`` is (in, r) and ``b`` is (r, out), i.e. PEFT's ``lora_A.T`` and ``lora_B.T``. ``rank_mask``
-    (r,) switches rank components off (NLS elastic rank, rank-sparse LoRA); ``mask`` (in, out)
-    keeps the product to the base weight's non-zeros (SparsePEFT). ``scale`` is static
-    (``lora_alpha / r`` or rsLoRA's ``lora_alpha / sqrt(r)``).
-    """
-
-    a: Float[Array, "fan_in r"]
-    b: Float[Array, "r fan_out"]
-    rank_mask: Float[Array, " r"] | None = None
-    mask: Array | None = None
-    scale: float = static(1.0)
-
-    trainable_fields: ClassVar[tuple[str, ...]] = ("a", "b")
-
-    @property
-    def rank(self) -> int:
-        return int(self.a.shape[1])
-
-    def product(self) -> Array:
-        """The dense (in, out) update; materialised only where a merge or a masked update needs it."""
-        a = self.a if self.rank_mask is None else self.a * self.rank_mask.astype(self.a.dtype)
-        delta = (a @ self.b) * self.scale
-        if self.mask is not None:
-            delta = jnp.where(self.mask, delta, 0)
-        return delta
-
-    def apply(self, weight: Array) -> Array:
-        return (weight.astype(jnp.float32) + self.product().astype(jnp.float32)).astype(weight.dtype)
-
-
-Delta = SparseDelta | LowRankDelta
+__all__ = [
+    "Adapter",
+    "Delta",
+    "LowRankDelta",
+    "SparseDelta",
+    "apply",
+    "pytree_dataclass",
+    "static",
+    "trainable",
+    "with_trainable",
+]
 
 
 @pytree_dataclass
@@ -153,8 +86,6 @@ def apply(
     for path, delta in adapter.deltas.items():
         weight = tree_lib.get_leaf(params, path)
         if factored and path.rsplit(".", 1)[-1] == "kernel" and weight.ndim == 2:
-            from jaxsparse import factored as factored_lib  # factored builds on this module
-
             density = factored_lib.SAMPLED_MAX_DENSITY if sampled_max_density is None else sampled_max_density
             new[path] = factored_lib.adapt(weight, delta, sampled_max_density=density)
         else:

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from jaxsparse.delta import LowRankDelta, SparseDelta, pytree_dataclass, static
+from jaxsparse.delta_leaves import LowRankDelta, SparseDelta, pytree_dataclass, static
 
 # Density at or below which a sparse delta's gradient is the sampled product (see module docstring).
 SAMPLED_MAX_DENSITY = 0.03
@@ -86,6 +86,8 @@ def matmul(
     if not isinstance(kernel, AdaptedKernel):
         return _dot(x, kernel, precision)
     delta = kernel.delta
+    if hasattr(delta, "matmul_beside"):  # a delta that computes x @ (base + delta) itself (jaxsparse.serve)
+        return delta.matmul_beside(x, kernel.base, precision)
     if isinstance(delta, LowRankDelta) and delta.mask is None:
         a = delta.a if delta.rank_mask is None else delta.a * delta.rank_mask.astype(delta.a.dtype)
         low_rank = _dot(_dot(x, a.astype(x.dtype), precision), delta.b.astype(x.dtype), precision)

@@ -16,6 +16,9 @@ the treedef of the ``{path: ...}`` dicts it is given. With ``donate=True`` (or :
 the targeted weights of the ``params`` you pass are donated and updated in place: **those arrays are
 invalid afterwards** (using them raises); keep only the returned tree.
 
+The module itself is callable as :func:`merge`: ``jaxsparse.merge(params, adapter)`` (what
+``import jaxsparse as js; js.merge(...)`` calls) is ``jaxsparse.merge.merge(params, adapter)``.
+
 Example:
     >>> import jax.numpy as jnp
     >>> from jaxsparse.delta import Adapter, SparseDelta
@@ -32,6 +35,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
+import types
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -121,6 +127,65 @@ def _check_low_rank(path: str, d: LowRankDelta, weight: Any) -> None:
         )
 
 
+# Index arrays already checked by :func:`validate` (in range, sorted, unique) for a weight shape.
+# jax Arrays are immutable, so a checked array stays valid for every weight of that shape: merge,
+# unmerge and switch then run only the host-side structural checks (no device pass, no host
+# round trip). Keyed by ``id``; the weak reference drops the entry when the array is freed.
+_CHECKED_INDICES: dict[int, tuple[weakref.ref, tuple[int, ...]]] = {}
+
+
+def _remember_indices(indices: Any, shape: tuple[int, ...]) -> None:
+    if not isinstance(indices, jax.Array) or isinstance(indices, jax.core.Tracer):
+        return  # NumPy arrays can be changed in place after the check, so they are re-checked
+    key = id(indices)
+    ref = weakref.ref(indices, lambda _, key=key: _CHECKED_INDICES.pop(key, None))
+    _CHECKED_INDICES[key] = (ref, tuple(shape))
+
+
+def _indices_checked(indices: Any, shape: tuple[int, ...]) -> bool:
+    entry = _CHECKED_INDICES.get(id(indices))
+    return entry is not None and entry[0]() is indices and entry[1] == tuple(shape)
+
+
+def _check_structure(params: PyTree, adapter: Adapter) -> bool:
+    """The host-side checks of :func:`validate` (paths, shapes, dtypes, k); no device work.
+
+    Returns whether the adapter has sparse deltas and every one's indices were already checked by
+    :func:`validate` for its weight's shape; if not, the caller runs the full :func:`validate` (an
+    adapter without sparse deltas, LoRA or dense leaves only, has only its NaN/inf check to run).
+    """
+    if adapter.dense and adapter.deltas and not set(adapter.deltas).isdisjoint(adapter.dense):
+        return False  # validate() names the overlapping paths
+    checked = any(isinstance(d, SparseDelta) for d in adapter.deltas.values())
+    for path, d in adapter.deltas.items():
+        weight = _weight(params, path, "delta")
+        if isinstance(d, SparseDelta):
+            _check_sparse(path, d, weight)
+            checked = checked and (d.indices.shape[0] == 0 or _indices_checked(d.indices, weight.shape))
+        elif isinstance(d, LowRankDelta):
+            _check_low_rank(path, d, weight)
+        else:
+            raise AdapterError(f"adapter delta {path!r}: unknown delta type {type(d).__name__}")
+    for path, leaf in adapter.dense.items():
+        _check_dense(path, leaf, _weight(params, path, "dense leaf"))
+    return checked
+
+
+def _ensure_valid(params: PyTree, adapter: Adapter) -> None:
+    # Full validation once per index array (at load, or the first merge of a hand-built adapter);
+    # afterwards only the structural checks, which cost microseconds per path.
+    if not _check_structure(params, adapter):
+        validate(params, adapter)
+
+
+def _check_dense(path: str, leaf: Any, weight: Any) -> None:
+    if tuple(leaf.shape) != tuple(weight.shape) or leaf.dtype != weight.dtype:
+        raise AdapterError(
+            f"adapter dense leaf {path!r}: {leaf.dtype} {tuple(leaf.shape)}, the model's is "
+            f"{weight.dtype} {tuple(weight.shape)}"
+        )
+
+
 def validate(params: PyTree, adapter: Adapter) -> None:
     """Check that ``adapter`` fits ``params``; ``AdapterError`` (a ``ValueError``) naming the path.
 
@@ -128,6 +193,12 @@ def validate(params: PyTree, adapter: Adapter) -> None:
     and values are float, indices are 1-D integers, sorted, unique, in ``[0, numel)``, k <= numel;
     a low-rank delta's factors fit the weight; dense leaves match shape and dtype exactly; no
     NaN/inf anywhere; no path both a delta and a dense leaf. Call it outside ``jit``.
+
+    The index checks are remembered per index array (jax Arrays are immutable): :func:`merge`,
+    :func:`unmerge` and :func:`switch` of an adapter whose indices passed here (as
+    :func:`jaxsparse.adapter_io.load_adapter` does on load) run only the host-side structural checks;
+    any other adapter (hand-built, or new index arrays) is validated in full on its first merge.
+    Values are checked for NaN/inf here, not on every merge (training changes them every step).
 
     Example:
         >>> import jax.numpy as jnp
@@ -162,11 +233,7 @@ def validate(params: PyTree, adapter: Adapter) -> None:
             raise AdapterError(f"adapter delta {path!r}: unknown delta type {type(d).__name__}")
     for path, leaf in adapter.dense.items():
         weight = _weight(params, path, "dense leaf")
-        if tuple(leaf.shape) != tuple(weight.shape) or leaf.dtype != weight.dtype:
-            raise AdapterError(
-                f"adapter dense leaf {path!r}: {leaf.dtype} {tuple(leaf.shape)}, the model's is "
-                f"{weight.dtype} {tuple(weight.shape)}"
-            )
+        _check_dense(path, leaf, weight)
         if jnp.issubdtype(leaf.dtype, jnp.floating):
             floats[f"{path} dense"] = leaf
     sparse, nonfinite = jax.device_get(_device_stats(indices, floats))
@@ -186,6 +253,9 @@ def validate(params: PyTree, adapter: Adapter) -> None:
         if count:
             path, _, field = name.rpartition(" ")
             raise AdapterError(f"adapter {path!r}: {field} contain {int(count)} NaN/inf entries")
+    for d in adapter.deltas.values():
+        if isinstance(d, SparseDelta):
+            _remember_indices(d.indices, tuple(d.shape))
 
 
 def _check_saved(params: PyTree, adapter: Adapter, saved: Saved) -> None:
@@ -211,6 +281,11 @@ def _check_saved(params: PyTree, adapter: Adapter, saved: Saved) -> None:
 # the scatter
 
 
+# Every index reaching the scatter has passed validate() (directly or remembered), so the gathers
+# and scatters skip XLA's bounds handling (clamp / drop) and use the sorted, unique hints.
+_IN_BOUNDS = dict(indices_are_sorted=True, unique_indices=True, mode="promise_in_bounds")
+
+
 def _scatter(
     weights: dict[str, jax.Array],
     undo: dict[str, tuple[jax.Array, jax.Array]],
@@ -221,14 +296,14 @@ def _scatter(
         flat = weight.reshape(-1)
         if path in undo:
             idx, old = undo[path]
-            flat = flat.at[idx].set(old, indices_are_sorted=True, unique_indices=True)
+            flat = flat.at[idx].set(old, **_IN_BOUNDS)
         if path in do:
             idx, values = do[path]
-            old = flat[idx]
+            old = flat.at[idx].get(**_IN_BOUNDS)
             saved[path] = old
             # The same rule as SparseDelta.apply (float32 sum, cast back), so merge == apply bit for bit.
             added = (old.astype(jnp.float32) + values.astype(jnp.float32)).astype(weight.dtype)
-            flat = flat.at[idx].set(added, indices_are_sorted=True, unique_indices=True)
+            flat = flat.at[idx].set(added, **_IN_BOUNDS)
         new[path] = flat.reshape(weight.shape)
     return new, saved
 
@@ -286,7 +361,9 @@ def merge(params: PyTree, adapter: Adapter, *, donate: bool = False) -> tuple[Py
     """``(merged_params, saved)``: the adapter written into the weights; ``saved`` undoes it exactly.
 
     Sparse entries become ``(w + v)`` computed in float32 and cast to the weight's dtype (the same
-    bits as :func:`jaxsparse.delta.apply`); dense leaves replace the model's. Validates first.
+    bits as :func:`jaxsparse.delta.apply`); dense leaves replace the model's. Checks paths, shapes
+    and dtypes first, and validates the adapter in full (:func:`validate`) unless its indices
+    already passed :func:`validate` (as on load): index checks run once per adapter, not per merge.
     ``donate=True`` updates the targeted weights in place (see :func:`merge_inplace`).
 
     Example:
@@ -297,7 +374,7 @@ def merge(params: PyTree, adapter: Adapter, *, donate: bool = False) -> tuple[Py
         >>> merge(p, a)[0]["w"]["kernel"].tolist()
         [[1.5, 0.0], [0.0, 0.0]]
     """
-    validate(params, adapter)
+    _ensure_valid(params, adapter)
     return _transition(params, None, None, adapter, donate)
 
 
@@ -333,7 +410,7 @@ def unmerge(merged_params: PyTree, adapter: Adapter, saved: Saved, *, donate: bo
         >>> bool(jnp.array_equal(unmerge(merged, a, saved)["w"]["kernel"], p["w"]["kernel"]))
         True
     """
-    validate(merged_params, adapter)
+    _ensure_valid(merged_params, adapter)
     _check_saved(merged_params, adapter, saved)
     params, _ = _transition(merged_params, adapter, saved, None, donate)
     return params
@@ -357,9 +434,9 @@ def switch(
         >>> switch(merged, a, saved, b)[0]["w"]["kernel"].tolist()
         [[0.0, 0.0, 5.0]]
     """
-    validate(params, from_adapter)
+    _ensure_valid(params, from_adapter)
     _check_saved(params, from_adapter, saved)
-    validate(params, to_adapter)
+    _ensure_valid(params, to_adapter)
     return _transition(params, from_adapter, saved, to_adapter, donate)
 
 
@@ -428,3 +505,18 @@ def _fuse_sparse(parts: list[SparseDelta], scales: list[float]) -> SparseDelta:
         values=jnp.asarray(summed),
         shape=tuple(parts[0].shape),
     )
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as its :func:`merge`.
+
+    The front door exports ``jaxsparse.merge`` as the merge function, and a package attribute cannot
+    differ from its submodule of the same name (importing ``jaxsparse.merge`` rebinds it to the
+    module). So the module answers both: ``js.merge(params, adapter)`` and ``js.merge.unmerge``.
+    """
+
+    def __call__(self, params: PyTree, adapter: Adapter, *, donate: bool = False) -> tuple[PyTree, Saved]:
+        return merge(params, adapter, donate=donate)
+
+
+sys.modules[__name__].__class__ = _CallableModule

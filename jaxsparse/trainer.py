@@ -9,7 +9,14 @@ SIGTERM checkpoints the current step and stops; ``resume=True`` continues from t
 checkpoint to the same final parameters as an uninterrupted run (the data position is the step
 number, see :func:`jaxsparse.data.batch_indices`).
 
-Output directory::
+A run reads in four steps: :func:`check_output` (before anything heavy: the output directory
+is new, empty, or a previous run to resume or overwrite; a user's files are never touched),
+:func:`setup_run` (data, model, adapter, mesh, state, jitted steps, first evaluation),
+:func:`run_steps` (the loop) and :func:`finalize` (final evaluation, plot, adapter, results).
+With ``train.mesh`` the same loop runs on a device mesh (:mod:`jaxsparse.sharding`): batch over
+``data``, base parameters FSDP-sharded, adapter replicated; checkpoints resume on any mesh.
+
+Output directory (the marker ``.jaxsparse-output.json`` lists the entries a run owns)::
 
     config.yaml        the resolved config (what --resume and `jaxsparse eval` read)
     metrics.jsonl      one JSON object per log/eval point
@@ -37,6 +44,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,14 +55,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxsparse import atomic
 from jaxsparse import config as config_lib
 from jaxsparse import data as data_lib
 from jaxsparse import delta as delta_lib
 from jaxsparse import metrics as metrics_lib
+from jaxsparse import sharding as sharding_lib
 from jaxsparse import train as train_lib
 from jaxsparse import tree as tree_lib
 from jaxsparse.checkpoint import Checkpointer
 from jaxsparse.config import Config, ConfigError
+from jaxsparse.methods import registry
 
 PyTree = Any
 
@@ -131,30 +142,19 @@ def load_model(cfg: Config, label_names: tuple[str, ...]) -> Any:
 
 
 def method_config(cfg: Config) -> Any:
-    """The method's frozen config dataclass (``ShiraConfig`` / ``SpartaConfig``), or ``None`` for full FT."""
+    """The method's frozen config dataclass (``ShiraConfig``, ``SpartaConfig``, ``LoraConfig``, ...)
+    from the training config, through :mod:`jaxsparse.methods.registry`; ``None`` for full FT."""
+    if cfg.method == config_lib.FULL_FINETUNE:
+        return None
     a = cfg.adapter
-    task_type = "SEQ_CLS" if cfg.task == "seq_cls" else "CAUSAL_LM"
     common = {
         "target_modules": a.target_modules,
         "exclude_modules": a.exclude_modules,
         "modules_to_save": a.modules_to_save if cfg.task == "seq_cls" else None,
-        "task_type": task_type,
+        "task_type": "SEQ_CLS" if cfg.task == "seq_cls" else "CAUSAL_LM",
         "base_model_name_or_path": cfg.model.path,
     }
-    if cfg.method == "shira":
-        from jaxsparse.methods.shira import ShiraConfig
-
-        return ShiraConfig(r=a.r, mask_type=a.mask_type, random_seed=cfg.seed, **common)
-    if cfg.method == "lora":
-        from jaxsparse.methods.lora import LoraConfig
-
-        targets = "all-linear" if a.target_modules is None else a.target_modules
-        return LoraConfig(r=a.r, lora_alpha=a.lora_alpha, **{**common, "target_modules": targets})
-    if cfg.method == "sparta":
-        from jaxsparse.methods.sparta import SpartaConfig
-
-        return SpartaConfig(density=a.density, seed=cfg.seed, **common)
-    return None
+    return registry.get(cfg.method).config_from(config_lib.flatten(cfg), **common)
 
 
 def full_finetune_adapter(params: PyTree) -> delta_lib.Adapter:
@@ -168,13 +168,19 @@ def full_finetune_adapter(params: PyTree) -> delta_lib.Adapter:
 
 
 def build_adapter(cfg: Config, params: PyTree) -> delta_lib.Adapter:
-    """Initialise the configured method's adapter over ``params`` (deterministic in ``cfg.seed``)."""
-    if cfg.method == "full":
-        return full_finetune_adapter(params)
-    import importlib
+    """Initialise the configured method's adapter over ``params`` (deterministic in ``cfg.seed``).
 
-    module = importlib.import_module(f"jaxsparse.methods.{cfg.method}")
-    return module.init(params, method_config(cfg), jax.random.key(cfg.seed))
+    A target specification that does not fit the model is a :class:`ConfigError` naming the keys."""
+    if cfg.method == config_lib.FULL_FINETUNE:
+        return full_finetune_adapter(params)
+    try:
+        return registry.get(cfg.method).init(params, method_config(cfg), jax.random.key(cfg.seed))
+    except tree_lib.TargetError as e:
+        a = cfg.adapter
+        raise ConfigError(
+            f"'adapter.target_modules' = {a.target_modules!r} (exclude_modules {a.exclude_modules!r}) does "
+            f"not fit the model {cfg.model.path!r}: {e}"
+        ) from None
 
 
 def prepare(cfg: Config, *, model: Any = None, tokenizer: Any = None) -> Prepared:
@@ -335,9 +341,24 @@ def eval_loss_fn(task: str) -> Callable[[jax.Array, dict[str, jax.Array]], tuple
     return loss_fn
 
 
-def make_eval_step(model: Any, task: str) -> Callable[[delta_lib.Adapter, PyTree, Any], dict[str, jax.Array]]:
-    """``eval_step(adapter, base_params, batch) -> {"loss": sum, "predictions" | "tokens"}``, jitted."""
-    return train_lib.make_eval_step(model_fn(model), eval_loss_fn(task), factored=True)
+def make_eval_step(
+    model: Any, task: str, mesh: jax.sharding.Mesh | None = None
+) -> Callable[[delta_lib.Adapter, PyTree, Any], dict[str, jax.Array]]:
+    """``eval_step(adapter, base_params, batch) -> {"loss": sum, "predictions" | "tokens"}``, jitted.
+
+    With a ``mesh``, the host batch is split over its ``data`` axis and the outputs come back
+    replicated (every process can read them)."""
+    if mesh is None:
+        return train_lib.make_eval_step(model_fn(model), eval_loss_fn(task), factored=True)
+    step = jax.jit(
+        train_lib.make_eval_step(model_fn(model), eval_loss_fn(task), factored=True, jit=False),
+        out_shardings=sharding_lib.replicated(mesh),
+    )
+
+    def eval_step(adapter: delta_lib.Adapter, base_params: PyTree, batch: Any) -> dict[str, jax.Array]:
+        return step(adapter, base_params, sharding_lib.shard_batch(batch, mesh))
+
+    return eval_step
 
 
 def evaluate(
@@ -456,10 +477,15 @@ def save_final_adapter(adapter: delta_lib.Adapter, directory: Path, prepared: Pr
 
 
 class MetricsLog:
-    """Append-only ``metrics.jsonl``; on resume, records past the restored step are dropped."""
+    """Append-only ``metrics.jsonl``; on resume, records past the restored step are dropped.
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
+    ``enabled=False`` (every process of a multi-host run but the first) writes nothing."""
+
+    def __init__(self, path: Path, resume_step: int | None, *, enabled: bool = True) -> None:
         self.path = path
+        self.enabled = enabled
+        if not enabled:
+            return
         if resume_step is not None and path.exists():
             kept = [
                 line
@@ -473,6 +499,8 @@ class MetricsLog:
             path.unlink()
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -501,135 +529,390 @@ class _StopSignals:
             signal.signal(sig, old)
 
 
-def _check_resume_config(cfg: Config, saved_path: Path) -> None:
-    import yaml
-
-    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
-    now = config_lib.to_dict(cfg)
-    # Keys that may change between an interrupted run and its resumption without changing the result.
-    free = {
+# Keys that may change between an interrupted run and its resumption without changing the result
+# (the mesh changes where arrays live, not what is computed: a run may resume on other devices).
+RESUME_FREE_KEYS = frozenset(
+    {
         "output",
         "train.progress",
         "train.steps",
         "train.log_every",
         "train.checkpoint_every",
         "train.keep_checkpoints",
+        "train.mesh",
+        "train.adapter_sharding",
     }
+)
 
-    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, prefix + k + "."))
-            else:
-                out[prefix + k] = v
-        return out
 
-    a, b = flat(saved), flat(now)
-    differ = sorted(k for k in set(a) | set(b) if k not in free and a.get(k) != b.get(k))
+def _check_resume_config(cfg: Config, saved_path: Path) -> None:
+    import yaml
+
+    raw = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
+    try:
+        # Read like any config (keys added since that run take their defaults), without path checks.
+        saved = config_lib.flatten(config_lib.from_dict(raw, check_paths=False))
+    except ConfigError as e:
+        raise ConfigError(f"--resume: {saved_path} is not a valid saved config: {e}") from None
+    now = config_lib.flatten(cfg)
+    differ = sorted(k for k in now if k not in RESUME_FREE_KEYS and saved.get(k) != now[k])
     if differ:
         raise ConfigError(
             f"--resume: the config differs from the one in {saved_path} at {differ}; "
             "resume with the same config or train into a new --output"
         )
-    if a.get("train.steps") != b.get("train.steps") and a.get("train.schedule") != "constant":
+    if saved["train.steps"] != now["train.steps"] and saved["train.schedule"] != "constant":
         raise ConfigError("--resume: 'train.steps' changed, which changes the learning-rate schedule")
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- the output directory
+
+# What a run writes into its output directory: the only entries `--overwrite` may replace.
+TRAIN_ENTRIES = ("config.yaml", "metrics.jsonl", "metrics.png", "checkpoints", "adapter", "results.json")
 
 
-def train(
+def _is_previous_run(path: Path) -> bool:
+    """A directory a ``jaxsparse train`` wrote: its marker says so, or (runs from before the marker)
+    it holds a ``config.yaml``, a ``checkpoints/`` directory and nothing but run entries."""
+    marker = atomic.read_marker(path)
+    if marker is not None:
+        return marker.get("verb") == "train"
+    names = set(os.listdir(path))
+    return {"config.yaml", "checkpoints"} <= names and names <= set(TRAIN_ENTRIES)
+
+
+def check_output(path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> str:
+    """How a run may use its output directory, decided before any heavy work: ``"new"`` (absent or
+    empty), ``"resume"`` or ``"overwrite"`` (a previous ``jaxsparse train`` output, with the flag
+    that says what to do with it). Anything else is a :class:`ConfigError` and nothing is touched:
+    a file, a directory holding anything but a previous run (a user's files, another verb's
+    output), a previous run without ``resume``/``overwrite``, ``overwrite`` where entries a run
+    did not write sit beside the run's, or a directory that cannot be written.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> check_output(root / "run")
+        'new'
+        >>> _ = (root / "notes.txt").write_text("mine")
+        >>> try:
+        ...     check_output(root, overwrite=True)
+        ... except ConfigError as e:
+        ...     print(str(e)[:38])
+        refusing to write the output directory
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume continues a run and --overwrite replaces it: pass one of them")
+    path = Path(path).absolute()
+    if os.path.lexists(path) and not path.is_dir():
+        raise ConfigError(f"'output' = {str(path)!r} exists and is not a directory; choose a directory path")
+    names = sorted(os.listdir(path)) if path.is_dir() else []
+    mode = "new"
+    if names:
+        if not _is_previous_run(path):
+            marker = atomic.read_marker(path)
+            what = (
+                f"is a jaxsparse {marker.get('verb', 'output')} output, not a train run"
+                if marker is not None
+                else f"is not empty ({len(names)} entries: {_show(names)}) and was not written by jaxsparse train"
+            )
+            raise ConfigError(
+                f"refusing to write the output directory {str(path)!r}: it {what} (--resume and --overwrite "
+                "apply only to a previous run); nothing was changed. Choose a new or empty --output"
+            )
+        if resume:
+            mode = "resume"
+        elif overwrite:
+            foreign = [
+                n for n in names if n not in (*TRAIN_ENTRIES, atomic.MARKER) and not _is_own_leftover(n)
+            ]
+            if foreign:
+                raise ConfigError(
+                    f"--overwrite: refusing to replace the run in {str(path)!r}: it also holds entries "
+                    f"jaxsparse train did not write ({_show(foreign)}); nothing was changed. Move them "
+                    "away or choose another --output"
+                )
+            mode = "overwrite"
+        else:
+            raise ConfigError(
+                f"output directory {str(path)!r} is not empty: it holds a previous jaxsparse train run; pass "
+                "--resume to continue it, --overwrite to replace it, or choose another --output"
+            )
+    writable = path if path.is_dir() else _nearest_existing(path.parent)
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write the output {str(path)!r}: {str(writable)!r} is not writable")
+    return mode
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _show(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+
+
+# Where `--overwrite` keeps the previous run until the new one has finished (inside the output
+# directory: its parent may not be writable). One left by a killed run is ours to delete.
+PREVIOUS_PREFIX = ".jaxsparse-previous-"
+
+
+def _is_own_leftover(name: str) -> bool:
+    return name.startswith(PREVIOUS_PREFIX) and name.endswith(".old")
+
+
+def open_output(path: Path, mode: str) -> Path | None:
+    """Make the output directory ready for a run in ``mode`` (see :func:`check_output`): create it
+    (permissions from the umask) and write the marker listing the entries the run creates. On
+    ``"overwrite"`` the previous run's own entries (and only those) are moved into a hidden
+    directory, returned: :func:`settle_previous` deletes it when the new run ends, or puts the
+    previous run back when the new one fails."""
+    previous = None
+    if mode == "overwrite":
+        for leftover in [n for n in os.listdir(path) if _is_own_leftover(n)]:
+            shutil.rmtree(path / leftover, ignore_errors=True)
+        previous = Path(tempfile.mkdtemp(prefix=PREVIOUS_PREFIX, suffix=".old", dir=path))
+        for name in TRAIN_ENTRIES:
+            if os.path.lexists(path / name):
+                os.replace(path / name, previous / name)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic.write_marker(path, list(TRAIN_ENTRIES), verb="train")
+    return previous
+
+
+def settle_previous(path: Path, previous: Path | None, *, restore: bool) -> None:
+    """Delete the run ``--overwrite`` set aside, or (``restore``: the new run failed) put it back in
+    place of whatever the new run wrote."""
+    if previous is None or not previous.is_dir():
+        return
+    if restore:
+        for name in TRAIN_ENTRIES:
+            entry = path / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif os.path.lexists(entry):
+                entry.unlink()
+            if os.path.lexists(previous / name):
+                os.replace(previous / name, entry)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a run needs between its setup and its report (built by :func:`setup_run`)."""
+
+    cfg: Config
+    out: Path
+    prepared: Prepared
+    base_params: PyTree
+    state: train_lib.TrainState
+    start_step: int
+    checkpointer: Checkpointer
+    metrics_log: MetricsLog
+    train_step: Callable[[train_lib.TrainState, PyTree, Any], tuple[train_lib.TrainState, dict]]
+    evaluate: Callable[[delta_lib.Adapter], dict[str, float]]
+    initial: dict[str, float] | None
+    num_trainable: int
+    mesh: jax.sharding.Mesh | None
+    primary: bool
+    log: Callable[[str], None]
+    previous: Path | None = None  # the run --overwrite replaces, until this one has finished
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def place_batch(self, batch: dict[str, np.ndarray]) -> Any:
+        return batch if self.mesh is None else sharding_lib.shard_batch(batch, self.mesh)
+
+
+def make_mesh(cfg: Config) -> jax.sharding.Mesh | None:
+    """The device mesh ``train.mesh`` asks for (``None``: one device); a :class:`ConfigError` when it
+    does not fit the devices there are."""
+    if cfg.train.mesh is None:
+        return None
+    try:
+        mesh = sharding_lib.make_mesh(cfg.train.mesh)
+    except ValueError as e:
+        raise ConfigError(f"'train.mesh' = {cfg.train.mesh!r}: {e}") from None
+    data = mesh.shape["data"]
+    if cfg.train.batch_size % data:
+        raise ConfigError(
+            f"'train.batch_size' = {cfg.train.batch_size} is not divisible by the mesh's data axis ({data})"
+        )
+    return mesh
+
+
+def setup_run(
     cfg: Config,
+    mode: str,
     *,
-    resume: bool = False,
     model: Any = None,
     tokenizer: Any = None,
-    log: Callable[[str], None] | None = None,
-    on_step: Callable[[int, float], None] | None = None,
-) -> RunResult:
-    """Run ``cfg`` end to end; see the module docstring for what lands in ``cfg.output``.
-
-    ``model``/``tokenizer`` replace loading ``cfg.model.path``; ``on_step(step, loss)`` is called
-    after every step (before the stop-signal check, so it may itself send SIGINT).
-    """
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    start = time.time()
+    log: Callable[[str], None],
+) -> Run:
+    """Everything before the first step: data, model and adapter; the mesh and where arrays live;
+    the output directory; the state (restored from the latest checkpoint on ``"resume"``); the
+    jitted steps; and the evaluation before training."""
     out = Path(cfg.output)
-    ckpt_dir = out / "checkpoints"
     config_path = out / "config.yaml"
-    has_checkpoint = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
-    if has_checkpoint and not resume:
-        raise ConfigError(
-            f"'output' = {str(out)!r} already holds checkpoints; pass --resume to continue that run "
-            "or choose another --output"
-        )
-    if resume and config_path.is_file():
+    if mode == "resume" and config_path.is_file():
         _check_resume_config(cfg, config_path)
-    out.mkdir(parents=True, exist_ok=True)
+    mesh = make_mesh(cfg)
+    primary = jax.process_index() == 0
 
     log(f"loading data ({cfg.data.source}) and model ({cfg.model.path}) ...")
     prepared = prepare(cfg, model=model, tokenizer=tokenizer)
-    model, adapter = prepared.model, prepared.adapter
-    check_dropout(cfg, model)
-    base_params = model.params
-    task, t = cfg.task, cfg.train
-    num_labels = len(prepared.label_names)
-    optimizer = make_optimizer(t)
-    state = train_lib.init_train_state(adapter, optimizer, cfg.seed)
-    n_trainable = adapter.num_trainable()
-    log(
-        f"{cfg.method}: {n_trainable:,} trainable parameters; {data_lib.num_examples(prepared.train)} train / "
-        f"{data_lib.num_examples(prepared.eval)} eval examples of {cfg.data.max_length} tokens"
+    check_dropout(cfg, prepared.model)
+    # Every process has checked the directory (in train()) before the first one writes to it.
+    _barrier("jaxsparse: output checked")
+    if primary:
+        # Checked again: the directory may have changed while the model loaded.
+        check_output(out, resume=mode == "resume", overwrite=mode == "overwrite")
+        previous = open_output(out, mode)
+    else:
+        previous = None
+    _barrier("jaxsparse: output ready")
+    try:
+        t = cfg.train
+        optimizer = make_optimizer(t)
+        adapter = prepared.adapter
+        state = train_lib.init_train_state(adapter, optimizer, cfg.seed)
+        base_params = prepared.model.params
+        state_shardings = None
+        if mesh is not None:
+            base_params = sharding_lib.shard_params(base_params, mesh)
+            state_shardings = _state_shardings(state, mesh, t.adapter_sharding)
+            state = sharding_lib.place(state, state_shardings)
+            log(
+                f"mesh {sharding_lib.describe(dict(mesh.shape))} over {mesh.size} devices ({jax.process_count()} processes)"
+            )
+        num_trainable = adapter.num_trainable()
+        log(
+            f"{cfg.method}: {num_trainable:,} trainable parameters; {data_lib.num_examples(prepared.train)} train / "
+            f"{data_lib.num_examples(prepared.eval)} eval examples of {cfg.data.max_length} tokens"
+        )
+
+        ckpt_dir = out / "checkpoints"
+        ckpt = Checkpointer(ckpt_dir, save_every=t.checkpoint_every, keep=t.keep_checkpoints)
+        start_step = 0
+        if mode == "resume" and ckpt.latest_step() is not None:
+            # Restored into the template's shardings: a run may resume on another device count.
+            restored = ckpt.restore(state)
+            state, start_step = restored.state, restored.step
+            log(f"resumed from step {start_step} ({ckpt_dir})")
+        elif mode == "resume":
+            log(f"--resume: no checkpoint in {ckpt_dir}; starting from step 0")
+        if primary:
+            config_lib.save_config(cfg, config_path)
+        # A resumed run keeps the records up to its checkpoint; a fresh start (or a resume that found no
+        # checkpoint) starts the file anew.
+        metrics_log = MetricsLog(out / "metrics.jsonl", start_step or None, enabled=primary)
+
+        train_step, evaluate_fn = make_steps(cfg, prepared, optimizer, base_params, mesh, state_shardings)
+        if start_step == 0:
+            initial = evaluate_fn(state.adapter)
+            metrics_log.write({"split": "eval", "step": 0, **initial})
+            log(f"before training: {_fmt(initial)}")
+        else:
+            initial = _initial_eval(out / "metrics.jsonl")
+    except BaseException:
+        settle_previous(out, previous, restore=True)
+        raise
+    return Run(
+        cfg=cfg,
+        out=out,
+        prepared=prepared,
+        base_params=base_params,
+        state=state,
+        start_step=start_step,
+        checkpointer=ckpt,
+        metrics_log=metrics_log,
+        train_step=train_step,
+        evaluate=evaluate_fn,
+        initial=initial,
+        num_trainable=num_trainable,
+        mesh=mesh,
+        primary=primary,
+        log=log,
+        previous=previous,
     )
 
-    ckpt = Checkpointer(ckpt_dir, save_every=t.checkpoint_every, keep=t.keep_checkpoints)
-    start_step = 0
-    if resume and ckpt.latest_step() is not None:
-        restored = ckpt.restore(state)
-        state, start_step = restored.state, restored.step
-        log(f"resumed from step {start_step} ({ckpt_dir})")
-    elif resume:
-        log(f"--resume: no checkpoint in {ckpt_dir}; starting from step 0")
-    config_lib.save_config(cfg, config_path)
-    metrics_log = MetricsLog(out / "metrics.jsonl", start_step if resume else None)
 
+def make_steps(
+    cfg: Config,
+    prepared: Prepared,
+    optimizer: optax.GradientTransformation,
+    base_params: PyTree,
+    mesh: jax.sharding.Mesh | None = None,
+    state_shardings: Any = None,
+) -> tuple[Callable, Callable[[delta_lib.Adapter], dict[str, float]]]:
+    """``(train_step, evaluate)``: the jitted step ``(state, base_params, batch) -> (state, metrics)``
+    and ``evaluate(adapter) -> metrics`` over the held-out split. On a mesh the step keeps the
+    state in ``state_shardings`` and returns replicated metrics."""
+    t = cfg.train
     train_step = train_lib.make_train_step(
-        model_fn(model, dropout=t.dropout),
-        train_loss_fn(task),
+        model_fn(prepared.model, dropout=t.dropout),
+        train_loss_fn(cfg.task),
         optimizer,
         takes_rng=t.dropout,
         factored=True,
         sampled_max_density=t.sampled_grad_max_density,
+        jit=mesh is None,
     )
-    eval_step = make_eval_step(model, task)
-    do_eval = functools.partial(
+    if mesh is not None:
+        # Fixed output shardings: the state keeps its layout step after step (and in checkpoints).
+        train_step = jax.jit(
+            train_step, donate_argnums=(0,), out_shardings=(state_shardings, sharding_lib.replicated(mesh))
+        )
+    evaluate_fn = functools.partial(
         evaluate,
-        eval_step,
+        make_eval_step(prepared.model, cfg.task, mesh),
         base_params=base_params,
         arrays=prepared.eval,
-        task=task,
+        task=cfg.task,
         batch_size=t.eval_batch_size,
-        num_labels=num_labels,
+        num_labels=len(prepared.label_names),
     )
-    results_path = out / "results.json"
-    initial = None
-    if start_step == 0:
-        initial = do_eval(state.adapter)
-        metrics_log.write({"split": "eval", "step": 0, **initial})
-        log(f"before training: {_fmt(initial)}")
-    else:
-        initial = _initial_eval(out / "metrics.jsonl")
+    return train_step, evaluate_fn
 
-    batches: Iterator[dict[str, np.ndarray]] = data_lib.train_batches(
-        prepared.train, t.batch_size, seed=cfg.seed, start_step=start_step
+
+def _barrier(name: str) -> None:
+    """Wait for every process of a multi-host run (nothing to wait for on one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _state_shardings(state: train_lib.TrainState, mesh: jax.sharding.Mesh, mode: str) -> Any:
+    # The step counter and the PRNG key are replicated whatever the adapter's layout.
+    return train_lib.TrainState(
+        step=sharding_lib.replicated(mesh),
+        adapter=sharding_lib.tree_shardings(state.adapter, mesh, mode),
+        opt_state=sharding_lib.tree_shardings(state.opt_state, mesh, mode),
+        rng=sharding_lib.replicated(mesh),
     )
-    bar = _progress(t, start_step)
+
+
+def run_steps(run: Run, on_step: Callable[[int, float], None] | None = None) -> train_lib.TrainState:
+    """The step loop from ``run.start_step`` to ``train.steps``: log, evaluate and checkpoint on
+    their schedules; a SIGINT/SIGTERM checkpoints the step and raises :class:`TrainingInterrupted`."""
+    t = run.cfg.train
+    state = run.state
+    batches: Iterator[dict[str, np.ndarray]] = data_lib.train_batches(
+        run.prepared.train, t.batch_size, seed=run.cfg.seed, start_step=run.start_step
+    )
+    bar = _progress(t, run.start_step)
     running: list[float] = []
-    step = start_step
-    with ckpt, _StopSignals() as stop:
-        for step in range(start_step + 1, t.steps + 1):
-            state, step_metrics = train_step(state, base_params, next(batches))
+    with run.checkpointer as ckpt, _StopSignals() as stop:
+        for step in range(run.start_step + 1, t.steps + 1):
+            state, step_metrics = run.train_step(state, run.base_params, run.place_batch(next(batches)))
             running.append(float(step_metrics["loss"]))
             if on_step is not None:
                 on_step(step, running[-1])
@@ -641,11 +924,11 @@ def train(
                 bar.update(1)
                 bar.set_postfix(loss=f"{running[-1]:.4f}")
             if step % t.log_every == 0 or step == t.steps:
-                metrics_log.write({"split": "train", "step": step, "loss": float(np.mean(running))})
+                run.metrics_log.write({"split": "train", "step": step, "loss": float(np.mean(running))})
                 running = []
             if step % t.eval_every == 0 and step != t.steps:
-                ev = do_eval(state.adapter)
-                metrics_log.write({"split": "eval", "step": step, **ev})
+                ev = run.evaluate(state.adapter)
+                run.metrics_log.write({"split": "eval", "step": step, **ev})
                 if bar is not None:
                     bar.write(f"step {step}: {_fmt(ev)}")
             ckpt.save(state, batch_index=step, force=step == t.steps)
@@ -653,44 +936,89 @@ def train(
                 ckpt.save(state, batch_index=step, force=True)
                 if bar is not None:
                     bar.close()
-                raise TrainingInterrupted(step, str(ckpt_dir))
+                raise TrainingInterrupted(step, str(run.checkpoint_dir))
     if bar is not None:
         bar.close()
+    return state
 
-    trained = state.adapter
-    final = do_eval(trained)
-    metrics_log.write({"split": "eval", "step": t.steps, **final})
-    from jaxsparse.plot import plot_metrics
 
-    plot_path = plot_metrics(
-        out / "metrics.jsonl", title=f"{cfg.method} · {Path(cfg.model.path).name} · {cfg.data.source}"
-    )
-    adapter_dir = save_final_adapter(trained, out / "adapter", prepared, cfg)
-    seconds = time.time() - start
-    summary = {
-        "initial": initial,
-        "final": final,
-        "steps": t.steps,
-        "num_trainable": n_trainable,
-        "method": cfg.method,
-        "seed": cfg.seed,
-        "seconds": seconds,
-    }
-    tmp = results_path.with_name(f".{results_path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    os.replace(tmp, results_path)
+def finalize(run: Run, state: train_lib.TrainState, seconds: float) -> RunResult:
+    """The report: the final evaluation, the plot, the adapter in its on-disk format and
+    ``results.json`` (written by the first process only)."""
+    cfg, out = run.cfg, run.out
+    trained = state.adapter if run.mesh is None else sharding_lib.gather(state.adapter, run.mesh)
+    final = run.evaluate(trained)
+    run.metrics_log.write({"split": "eval", "step": cfg.train.steps, **final})
+    metrics_path = out / "metrics.jsonl"
+    plot_path = str(out / "metrics.png")
+    adapter_dir = str(out / "adapter")
+    if run.primary:
+        from jaxsparse.plot import plot_metrics
+
+        plot_path = plot_metrics(
+            metrics_path, title=f"{cfg.method} · {Path(cfg.model.path).name} · {cfg.data.source}"
+        )
+        adapter_dir = save_final_adapter(trained, out / "adapter", run.prepared, cfg)
+        summary = {
+            "initial": run.initial,
+            "final": final,
+            "steps": cfg.train.steps,
+            "num_trainable": run.num_trainable,
+            "method": cfg.method,
+            "seed": cfg.seed,
+            "seconds": seconds,
+        }
+        results_path = out / "results.json"
+        tmp = results_path.with_name(f".{results_path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        os.replace(tmp, results_path)
     return RunResult(
         str(out),
         adapter_dir,
         plot_path,
-        str(out / "metrics.jsonl"),
-        initial or {},
+        str(metrics_path),
+        run.initial or {},
         final,
-        t.steps,
-        n_trainable,
+        cfg.train.steps,
+        run.num_trainable,
         seconds,
         trained,
     )
+
+
+def train(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    model: Any = None,
+    tokenizer: Any = None,
+    log: Callable[[str], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> RunResult:
+    """Run ``cfg`` end to end; see the module docstring for what lands in ``cfg.output``.
+
+    The output directory is checked first (:func:`check_output`: a user's files are never
+    touched); then :func:`setup_run`, :func:`run_steps`, :func:`finalize`. ``resume`` continues
+    the run in ``cfg.output`` from its latest checkpoint, ``overwrite`` replaces it.
+    ``model``/``tokenizer`` replace loading ``cfg.model.path``; ``on_step(step, loss)`` is called
+    after every step (before the stop-signal check, so it may itself send SIGINT).
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    start = time.time()
+    mode = check_output(cfg.output, resume=resume, overwrite=overwrite)
+    run = setup_run(cfg, mode, model=model, tokenizer=tokenizer, log=log)
+    try:
+        state = run_steps(run, on_step)
+        result = finalize(run, state, time.time() - start)
+    except TrainingInterrupted:
+        settle_previous(run.out, run.previous, restore=False)  # the new run is the one to --resume
+        raise
+    except BaseException:
+        settle_previous(run.out, run.previous, restore=True)  # a failed --overwrite keeps the old run
+        raise
+    settle_previous(run.out, run.previous, restore=False)
+    return result
 
 
 def _initial_eval(path: Path) -> dict[str, float] | None:

@@ -310,3 +310,72 @@ def test_unmerge_and_switch_check_saved():
     )
     with pytest.raises(AdapterError, match=r"`saved` for 'a\.kernel'"):
         merge_lib.switch(merged, a, bad, b)
+
+
+def _count_device_checks(monkeypatch):
+    calls = []
+    original = merge_lib._device_stats
+
+    def counting(indices, floats):
+        calls.append(sorted(indices))
+        return original(indices, floats)
+
+    monkeypatch.setattr(merge_lib, "_device_stats", counting)
+    return calls
+
+
+def test_full_validation_runs_once_per_index_array(monkeypatch):
+    # validate() (what load_adapter runs) remembers the checked indices: merge / switch / unmerge of
+    # that adapter then do only the host-side structural checks, with the same results.
+    rng = np.random.default_rng(9)
+    params = _params(rng)
+    a, b = _adapter(rng, dense=()), _adapter(rng, dense=())
+    calls = _count_device_checks(monkeypatch)
+    merge_lib.validate(params, a)
+    assert len(calls) == 1
+    merged, saved = merge_lib.merge(params, a)
+    merged, saved = merge_lib.switch(merged, a, saved, b)  # b was never validated: checked in full now
+    assert len(calls) == 2
+    merged, saved = merge_lib.switch(merged, b, saved, a)
+    _assert_tree_bits(merge_lib.unmerge(merged, a, saved), params)
+    trained = Adapter({p: SparseDelta(d.indices, d.values + 1.0, d.shape) for p, d in a.deltas.items()})
+    merge_lib.merge(params, trained)  # new values, same index arrays: no device pass
+    assert len(calls) == 2
+    _assert_tree_bits(merge_lib.merge(params, trained)[0], _np_merge(params, trained))
+
+
+def test_remembered_indices_still_get_the_structural_checks():
+    rng = np.random.default_rng(10)
+    params = _params(rng)
+    a = _adapter(rng, paths=("a.kernel",), dense=())
+    merge_lib.validate(params, a)
+    d = a.deltas["a.kernel"]
+    with pytest.raises(AdapterError, match=r"made for shape \(5, 6\), the weight is \(6, 5\)"):
+        merge_lib.merge(params, Adapter({"a.kernel": SparseDelta(d.indices, d.values, (5, 6))}))
+    with pytest.raises(AdapterError, match=r"'b\.kernel': made for shape \(6, 5\)"):
+        merge_lib.merge(params, Adapter({"b.kernel": d}))
+    with pytest.raises(AdapterError, match=r"10 indices but 3 values"):
+        merge_lib.merge(params, Adapter({"a.kernel": SparseDelta(d.indices, d.values[:3], d.shape)}))
+
+
+def test_indices_checked_for_one_shape_are_checked_again_for_another():
+    # The same index array, in range for a 36-entry weight, is out of range for the 30-entry one.
+    params = _params(np.random.default_rng(11))
+    indices = jnp.array([1, 33], jnp.int32)
+    big = {"a": {"kernel": jnp.zeros((6, 6))}}
+    merge_lib.validate(big, Adapter({"a.kernel": SparseDelta(indices, jnp.ones(2), (6, 6))}))
+    with pytest.raises(AdapterError, match=r"indices must lie in \[0, 30\).*found 33"):
+        merge_lib.merge(params, Adapter({"a.kernel": SparseDelta(indices, jnp.ones(2), (6, 5))}))
+
+
+def test_numpy_indices_are_checked_on_every_merge(monkeypatch):
+    # A NumPy array can change in place after a check, so it is never remembered.
+    params = _params(np.random.default_rng(12))
+    indices = np.array([1, 3], np.int32)
+    adapter = Adapter({"a.kernel": SparseDelta(indices, jnp.ones(2), (6, 5))})
+    calls = _count_device_checks(monkeypatch)
+    merge_lib.merge(params, adapter)
+    indices[1] = 30
+    with pytest.raises(AdapterError, match="found 30"):
+        merge_lib.merge(params, adapter)
+    assert len(calls) == 2

@@ -69,7 +69,12 @@ def write_tiny_bert(root, hidden: int = 16):
         intermediate_size=2 * hidden,
         max_position_embeddings=32,
     )
-    models.save_pretrained(models.init_params(config, task="base", seed=0), model_dir)
+    # save_pretrained writes only new or empty directories: save beside, then move the files in.
+    weights = root / "tiny-weights"
+    models.save_pretrained(models.init_params(config, task="base", seed=0), weights)
+    for entry in weights.iterdir():
+        if entry.name != "vocab.txt" and not entry.name.startswith(".jaxsparse"):
+            entry.replace(model_dir / entry.name)
     return model_dir, data
 
 

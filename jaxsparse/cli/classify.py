@@ -45,11 +45,8 @@ def run(args: argparse.Namespace) -> int:
             sentences.append(s)
     from jaxsparse.inference import SequenceClassifier
 
-    try:
-        clf = SequenceClassifier.from_adapter(args.adapter, args.model)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"jaxsparse: {e}", file=sys.stderr)
-        return 2
+    # A bad adapter or model is one line on stderr and exit 2, via jaxsparse.cli.main.
+    clf = SequenceClassifier.from_adapter(args.adapter, args.model)
     probs = clf.classify(sentences)
     labels = clf.labels
     for sentence, row in zip(sentences, probs, strict=True):

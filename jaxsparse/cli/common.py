@@ -16,21 +16,73 @@ import os
 import sys
 from typing import Any
 
-# The errors a verb reports as one line (exit 2) rather than a traceback: bad input, not bugs.
+# The errors a config, a path or a file can cause: reported as one line (exit 2), not a traceback.
+# ValueError covers ConfigError, TargetError, AdapterFormatError, DataError, the model loader's
+# CheckpointError and JSON/UTF-8 decoding errors; OSError covers missing files, PermissionError,
+# OutputExistsError, a full disk.
 ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
-    FileNotFoundError,
-    NotADirectoryError,
+    OSError,
     TypeError,
     KeyError,
 )
+# Errors of modules the CLI imports only when needed, as (module, class): an error of one of these
+# classes can only have been raised once its module was imported, so they are looked up then.
+LAZY_ERRORS: tuple[tuple[str, str], ...] = (
+    ("jaxsparse.checkpoint", "CheckpointError"),  # a RuntimeError: a missing or mismatched checkpoint
+    ("safetensors", "SafetensorError"),  # a corrupt or truncated .safetensors file
+    ("yaml", "YAMLError"),  # a config file that is not YAML
+)
+# Set to 1 to see the traceback of an error the CLI would report as one line.
+DEBUG_ENV = "JAXSPARSE_DEBUG"
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether ``error`` is one the CLI reports as one line (see :data:`ERRORS`, :data:`LAZY_ERRORS`)."""
+    if isinstance(error, ERRORS):
+        return True
+    for module_name, class_name in LAZY_ERRORS:
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        if isinstance(cls, type) and isinstance(error, cls):
+            return True
+    return False
+
+
+def message_of(error: BaseException) -> str:
+    """``error`` as one line: its own words, the file an OSError is about, no repr quoting."""
+    if isinstance(error, KeyError) and error.args:
+        text = str(error.args[0])
+    elif isinstance(error, OSError) and error.strerror and error.filename is not None:
+        text = f"{os.fsdecode(error.filename)}: {error.strerror}"
+        if error.filename2 is not None:
+            text += f" (-> {os.fsdecode(error.filename2)})"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def fail(verb: str, error: BaseException) -> int:
     """Print ``error`` as one line on stderr and return the CLI's error status (2)."""
-    message = error.args[0] if isinstance(error, KeyError) and error.args else error
-    print(f"jaxsparse {verb}: error: {message}", file=sys.stderr)
+    print(f"jaxsparse {verb}: error: {message_of(error)}", file=sys.stderr)
     return 2
+
+
+def add_output_args(parser: Any, *, what: str = "output directory", required: bool = True) -> None:
+    """``--output DIR`` and ``--overwrite``, with the rules every writing verb follows; the verb then
+    calls :func:`jaxsparse.atomic.check_output_dir` before any heavy work and writes through
+    :func:`jaxsparse.atomic.atomic_dir` with ``overwrite=args.overwrite``."""
+    parser.add_argument(
+        "--output",
+        required=required,
+        metavar="DIR",
+        help=f"{what}: a new or empty directory (an existing non-empty one is refused)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous jaxsparse output in DIR; only a directory jaxsparse wrote (its "
+        ".jaxsparse-output.json marker lists every entry) is replaced, anything else is refused",
+    )
 
 
 def adapter_hints(adapter_dir: str) -> dict[str, Any]:
@@ -83,18 +135,27 @@ def load_base_for_adapter(
     model_path: str | None, adapter_dir: str, *, verb: str = "import"
 ) -> tuple[Any, dict]:
     """``(model, hints)``: the base model for ``adapter_dir`` (``model_path`` or, if ``None``, the base the
-    adapter records, when it is a local path), with the task head the adapter needs; ``ValueError`` when
-    the adapter was made for another architecture."""
+    adapter records, when it is a local path or an asset name), with the task head the adapter needs;
+    ``hints["model_path"]`` is the absolute path it was loaded from. ``ValueError`` when the adapter was
+    made for another architecture."""
+    from jaxsparse.config import ASSET_MODELS, resolve_model_path
     from jaxsparse.models import from_pretrained
 
     hints = adapter_hints(adapter_dir)
+    if model_path in ASSET_MODELS:
+        model_path = resolve_model_path(model_path)
     if model_path is None:
         base = hints.get("base")
+        if base in ASSET_MODELS:
+            # An adapter trained on an offline asset records its name (portable): resolve it here.
+            base = resolve_model_path(base)
         if not base or not os.path.exists(base):
             raise ValueError(
-                f"{adapter_dir}: the adapter records base model {base!r}, which is not a local path; pass --model"
+                f"{adapter_dir}: the adapter records base model {hints.get('base')!r}, which is not a local path; "
+                "pass --model"
             )
         model_path = base
+    hints["model_path"] = os.path.abspath(model_path)
     if not os.path.exists(model_path):
         raise FileNotFoundError(f"{model_path}: base model not found (a local HF directory or a .gguf file)")
     kwargs: dict[str, Any] = {}

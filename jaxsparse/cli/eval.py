@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from jaxsparse.cli.train import add_config_args, load
 
@@ -38,11 +37,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load(args)
     from jaxsparse.trainer import evaluate_adapter
 
-    try:
-        metrics = evaluate_adapter(cfg, args.adapter)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"jaxsparse: {e}", file=sys.stderr)
-        return 2
+    # A bad adapter or data is one line on stderr and exit 2, via jaxsparse.cli.main.
+    metrics = evaluate_adapter(cfg, args.adapter)
     if args.json:
         print(json.dumps(metrics))
     else:

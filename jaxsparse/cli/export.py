@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
+
+from jaxsparse.cli.common import add_output_args
 
 DESCRIPTION = """\
 Export an adapter for PyTorch users.
@@ -15,9 +18,12 @@ Export an adapter for PyTorch users.
                    sparse deltas on GPT-2 Conv1D layers are refused (use --format sparta).
   --format sparta  sparse adapters in the SpaRTA authors' layout (config.json + sparse_deltas.safetensors).
 
-The base model (--model, or the local path the adapter records) is needed for PEFT LoRA inputs and
-for a complete SpaRTA config.json; adapters written by jaxsparse export without it otherwise.
-The output directory appears complete or not at all.
+The base model (--model, or the local path the adapter records) gives the weight shapes of PEFT
+SHiRA and SpaRTA files other tools wrote, and makes a SpaRTA config.json complete (the base's
+config, empty entries for untouched weights). A PEFT LoRA adapter (its file gives every shape) and
+a sparse adapter jaxsparse wrote (shapes recorded) export to PEFT without it; LoRA never loads it.
+--output must be a new or empty directory (--overwrite replaces a previous jaxsparse output,
+nothing else); it appears complete or not at all.
 
 examples:
   jaxsparse export --adapter runs/shira/adapter --format peft --output exported/peft
@@ -34,13 +40,63 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory")
     p.add_argument("--format", required=True, choices=("peft", "sparta"), help="output layout")
-    p.add_argument("--output", required=True, metavar="DIR", help="output directory")
+    add_output_args(p, what="where to write the exported adapter")
     p.add_argument(
         "--model",
         metavar="MODEL",
-        help="base model (local HF directory or .gguf); default: the one the adapter records",
+        help="base model (local HF directory or .gguf); default: the one the adapter records "
+        "(never needed for a PEFT LoRA adapter)",
     )
     p.set_defaults(func=run)
+
+
+def lora_params_from_file(adapter_dir: str) -> dict[str, Any]:
+    """The base-model parameters a PEFT LoRA file implies, as ``jax.ShapeDtypeStruct`` leaves.
+
+    A LoRA file is complete without its base: ``lora_A`` (r, in) and ``lora_B`` (out, r) give each
+    adapted weight's shape, and full tensors (``modules_to_save``, biases) are stored whole. A 2-D
+    ``X.weight`` is taken as a linear ``X.kernel``: reading transposes it and writing transposes it
+    back, so the exported tensors are the file's own, whatever the module really is.
+    """
+    import jax
+    import numpy as np
+
+    from jaxsparse.convert import read_safetensors
+    from jaxsparse.convert.peft_lora import KEY_PREFIX, WEIGHTS_NAME
+
+    tensors, _ = read_safetensors(os.path.join(adapter_dir, WEIGHTS_NAME))
+    factors: dict[str, dict[str, np.ndarray]] = {}
+    leaves: dict[str, jax.ShapeDtypeStruct] = {}
+    for key, array in tensors.items():
+        name = key.removeprefix(KEY_PREFIX)
+        which = next((w for w in ("lora_A", "lora_B") if name.endswith(f".{w}.weight")), None)
+        if which:
+            factors.setdefault(name[: -len(f".{which}.weight")], {})[which] = array
+            continue
+        name = name.replace(".base_layer.", ".")
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and array.ndim == 2:
+            leaves[f"{module}.kernel"] = jax.ShapeDtypeStruct(array.shape[::-1], array.dtype)
+        elif leaf == "weight" and array.ndim == 1:
+            leaves[f"{module}.scale"] = jax.ShapeDtypeStruct(array.shape, array.dtype)
+        else:
+            leaves[name] = jax.ShapeDtypeStruct(array.shape, array.dtype)
+    for module, pair in factors.items():
+        a, b = pair.get("lora_A"), pair.get("lora_B")
+        fan_in = a.shape[-1] if a is not None and a.ndim == 2 else 0
+        fan_out = b.shape[0] if b is not None and b.ndim == 2 else 0
+        dtype = (a if a is not None else b).dtype
+        leaves[f"{module}.kernel"] = jax.ShapeDtypeStruct((fan_in, fan_out), dtype)
+    params: dict[str, Any] = {}
+    for path, leaf in leaves.items():
+        node = params
+        *parents, last = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{adapter_dir}: tensor names clash at {path!r}")
+        node[last] = leaf
+    return params
 
 
 def recorded_fan_in_fan_out(adapter_dir: str) -> tuple[str, ...]:
@@ -65,16 +121,21 @@ def recorded_fan_in_fan_out(adapter_dir: str) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaxsparse.atomic import check_output_dir
     from jaxsparse.cli.common import ERRORS, describe, fail, load_base_for_adapter
 
     try:
-        from jaxsparse.adapter_io import load_adapter, save_adapter
+        check_output_dir(args.output, overwrite=args.overwrite)  # before any model is loaded
+        from jaxsparse.adapter_io import adapter_format, load_adapter, save_adapter
         from jaxsparse.convert.peft import save_peft
         from jaxsparse.delta import LowRankDelta
 
-        model = None
+        if args.model is None and adapter_format(args.adapter) == "peft_lora":
+            return export_lora_without_base(args)
+        model, model_path = None, None
         try:
-            model, _ = load_base_for_adapter(args.model, args.adapter, verb="export")
+            model, hints = load_base_for_adapter(args.model, args.adapter, verb="export")
+            model_path = hints["model_path"]
         except ValueError as e:
             if args.model is not None or "pass --model" not in str(e):
                 raise
@@ -86,16 +147,34 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"{e} (pass --model)") from None
             raise
         if args.format == "peft":
-            written = save_peft(adapter, args.output, model=model, fan_in_fan_out=fan_in_fan_out)
+            written = save_peft(
+                adapter, args.output, model=model, fan_in_fan_out=fan_in_fan_out, overwrite=args.overwrite
+            )
         else:
             if any(isinstance(d, LowRankDelta) for d in adapter.deltas.values()):
                 raise ValueError(
                     f"{args.adapter}: a LoRA adapter is not sparse, and the SpaRTA layout holds index/value deltas "
                     "only; export it with --format peft (or merge it into the model with `jaxsparse merge`)"
                 )
+            # The authors' loaders open sparta_pretrained_model with transformers' from_pretrained:
+            # record the absolute local path of the base we loaded, not an asset name.
             written = save_adapter(
-                adapter, args.output, format="sparta", model=model, fan_in_fan_out=fan_in_fan_out
+                adapter,
+                args.output,
+                format="sparta",
+                model=model,
+                fan_in_fan_out=fan_in_fan_out,
+                base_model_name_or_path=model_path,
+                overwrite=args.overwrite,
             )
+            if model_path is not None and model_path.endswith(".gguf"):
+                print(
+                    "jaxsparse export: note: the base model is a .gguf file, which the SpaRTA authors' loaders "
+                    "cannot open (transformers needs gguf_file=, which they do not pass); to use their package, "
+                    "save the base as a Hugging Face directory and export again with --model DIR "
+                    "(see docs/interop.md)",
+                    file=sys.stderr,
+                )
             if model is None:
                 print(
                     "jaxsparse export: note: without --model, config.json holds no base model config and no empty "
@@ -105,4 +184,25 @@ def run(args: argparse.Namespace) -> int:
     except ERRORS as e:
         return fail("export", e)
     print(f"exported {describe(adapter)} as {written} -> {args.output}")
+    return 0
+
+
+def export_lora_without_base(args: argparse.Namespace) -> int:
+    """``export`` of a PEFT LoRA adapter with no ``--model``: read and checked against the shapes its
+    own file gives (:func:`lora_params_from_file`), written again with its ``auto_mapping``."""
+    from jaxsparse.adapter_io import load_adapter
+    from jaxsparse.cli.common import describe
+    from jaxsparse.convert import read_json
+    from jaxsparse.convert.peft_lora import CONFIG_NAME, save_peft_lora
+
+    adapter = load_adapter(args.adapter, params=lora_params_from_file(args.adapter))
+    if args.format == "sparta":
+        raise ValueError(
+            f"{args.adapter}: a LoRA adapter is not sparse, and the SpaRTA layout holds index/value deltas "
+            "only; export it with --format peft (or merge it into the model with `jaxsparse merge`)"
+        )
+    raw = read_json(os.path.join(args.adapter, CONFIG_NAME))
+    base_class = (raw.get("auto_mapping") or {}).get("base_model_class")
+    save_peft_lora(adapter, args.output, base_model_class=base_class, overwrite=args.overwrite)
+    print(f"exported {describe(adapter)} as peft_lora -> {args.output}")
     return 0

@@ -11,7 +11,6 @@ import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,13 @@ examples:
   jaxsparse info runs/default/adapter --json
 """
 
+# PEFT adapter types jaxsparse reads (as jaxsparse.adapter_io.PEFT_TYPES, which imports jax).
+PEFT_METHODS = {"SHIRA": "shira", "LORA": "lora"}
 SHIRA_INDICES = ".shira_indices"
 LORA_A = ".lora_A.weight"
 PEFT_PREFIX = "base_model.model."
+# The loaders' words when only the base model could complete the check.
+NEEDS_BASE = "pass the base model's params"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -54,20 +57,16 @@ def _headers(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return obj
+    from jaxsparse.convert import read_json  # NumPy only: the loaders' reader, their messages
+
+    return read_json(path)
 
 
-def _layout_shapes(metadata: dict[str, str]) -> dict[str, tuple[int, ...]]:
-    raw = metadata.get("jaxsparse_layout")
-    if not raw:
-        return {}
-    return {name: tuple(v["shape"]) for name, v in json.loads(raw).items()}
+def _layout_shapes(metadata: dict[str, str], where: Path) -> dict[str, tuple[int, ...]]:
+    from jaxsparse.convert import read_layout
+
+    layout = read_layout(metadata, str(where)) or {}
+    return {name: v["shape"] for name, v in layout.items()}
 
 
 def _base_shapes(base: str | None) -> dict[str, tuple[int, ...]]:
@@ -116,15 +115,21 @@ def adapter_info(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     if (d / "adapter_config.json").is_file():
         cfg = _read_json(d / "adapter_config.json")
         peft_type = cfg.get("peft_type")
+        if peft_type not in PEFT_METHODS:
+            # The loaders' words (jaxsparse.adapter_io.adapter_format): info describes what they read.
+            config_path = os.path.join(os.fspath(adapter_dir), "adapter_config.json")
+            raise ValueError(
+                f"{config_path}: unsupported peft_type {peft_type!r}; jaxsparse reads {sorted(PEFT_METHODS)}"
+            )
         weights = d / "adapter_model.safetensors"
         if not weights.is_file():
             raise ValueError(f"{weights}: file not found")
         shapes, metadata = _headers(weights)
-        layout = _layout_shapes(metadata)
+        layout = _layout_shapes(metadata, weights)
         base = cfg.get("base_model_name_or_path")
         base_shapes = _base_shapes(base) if not layout else {}
         info.update(
-            method={"SHIRA": "shira", "LORA": "lora"}.get(peft_type, str(peft_type)),
+            method=PEFT_METHODS[peft_type],
             format="peft",
             base_model=base,
             task_type=cfg.get("task_type"),
@@ -166,7 +171,7 @@ def adapter_info(adapter_dir: str | os.PathLike) -> dict[str, Any]:
         if not weights.is_file():
             raise ValueError(f"{d}: only the pickled sparse_deltas.pt; `jaxsparse info` reads safetensors")
         shapes, metadata = _headers(weights)
-        layout = _layout_shapes(metadata)
+        layout = _layout_shapes(metadata, weights)
         base = cfg.get("sparta_pretrained_model")
         base_shapes = _base_shapes(base) if not layout else {}
         dense_names = set(cfg.get("sparta_modules_to_save") or [])
@@ -205,13 +210,14 @@ def adapter_info(adapter_dir: str | os.PathLike) -> dict[str, Any]:
         )
     for layer in layers:
         shape = layer["shape"]
-        layer["density"] = layer["k"] / math.prod(shape) if shape else None
+        layer["density"] = layer["k"] / math.prod(shape) if shape and math.prod(shape) else None
     info["layers"] = layers
     info["dense"] = dense
     info["k_total"] = sum(layer["k"] for layer in layers)
     known = [layer for layer in layers if layer["shape"]]
-    if known and len(known) == len(layers):
-        info["density"] = info["k_total"] / sum(math.prod(layer["shape"]) for layer in layers)
+    total = sum(math.prod(layer["shape"]) for layer in known)
+    if known and len(known) == len(layers) and total:
+        info["density"] = info["k_total"] / total
     else:
         info["density"] = None
     info["trainable"] = info["k_total"] + sum(dense.values())
@@ -271,11 +277,30 @@ def format_info(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
+def check_readable(adapter_dir: str) -> None:
+    """Raise the loaders' error when they refuse ``adapter_dir``: info describes only what they read.
+
+    Without a base model, adapters other tools wrote cannot be fully checked (their weight shapes
+    live in the base): the loaders' "pass the base model" refusal is not an error here.
+    """
+    from jaxsparse.adapter_io import adapter_format, load_adapter
+    from jaxsparse.convert import AdapterFormatError
+
     try:
-        info = adapter_info(args.adapter)
-    except ValueError as e:
-        print(f"jaxsparse: {e}", file=sys.stderr)
-        return 2
+        load_adapter(adapter_dir)
+    except AdapterFormatError as e:
+        if NEEDS_BASE not in str(e):
+            raise
+        if adapter_format(adapter_dir) == "peft_lora":  # its config can still be checked alone
+            from jaxsparse.convert.peft_lora import lora_config_from_peft, read_adapter_config
+
+            lora_config_from_peft(read_adapter_config(adapter_dir))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Errors reach the user as one line through :func:`jaxsparse.cli.main`."""
+    info = adapter_info(args.adapter)
+    if info["format"] != "huggingface":
+        check_readable(args.adapter)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0

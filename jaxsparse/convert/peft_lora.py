@@ -41,8 +41,11 @@ from jaxsparse import tree as tree_lib
 from jaxsparse.atomic import atomic_dir, atomic_write_bytes, atomic_write_text
 from jaxsparse.convert import (
     DIFFERENT_BASE_HINT,
+    NAME_LIST,
+    NAMES,
     AdapterFormatError,
     check_dense,
+    check_field_types,
     read_json,
     read_safetensors,
     write_safetensors_bytes,
@@ -84,6 +87,23 @@ _SUPPORTED = (
     "task_type",
     "base_model_name_or_path",
 )
+# What PEFT's LoraConfig holds in each field we read (a hand-edited or corrupt file is refused).
+_FIELD_KINDS = {
+    "r": "int|null",
+    "lora_alpha": "number|null",
+    "target_modules": NAMES,
+    "exclude_modules": NAMES,
+    "lora_dropout": "number|null",
+    "fan_in_fan_out": "bool|null",
+    "bias": "str|null",
+    "use_rslora": "bool|null",
+    "modules_to_save": NAME_LIST,
+    "init_lora_weights": "bool|str|null",
+    "rank_pattern": "object|null",
+    "alpha_pattern": "object|null",
+    "task_type": "str|null",
+    "base_model_name_or_path": "str|null",
+}
 # Fields that do not change what the saved weights mean.
 _IGNORED = (
     "peft_type",
@@ -201,6 +221,10 @@ def lora_config_from_peft(raw: Mapping[str, Any], *, source: str = CONFIG_NAME) 
         init = True  # eva and other init-only schemes: the saved factors are all that matters
     if raw.get("use_qalora"):
         raise AdapterFormatError(f"{source}: use_qalora is not supported")
+    check_field_types(raw, _FIELD_KINDS, source)
+    for name in ("rank_pattern", "alpha_pattern"):
+        pattern = raw.get(name) or {}
+        check_field_types(pattern, dict.fromkeys(pattern, "number"), f"{source}: {name}")
     kwargs = {k: raw[k] for k in _SUPPORTED if k in raw and raw[k] is not None}
     kwargs["init_lora_weights"] = init
     for name in ("rank_pattern", "alpha_pattern"):
@@ -315,12 +339,14 @@ def save_peft_lora(
     *,
     fan_in_fan_out: Sequence[str] = (),
     base_model_class: str | None = None,
+    overwrite: bool = False,
 ) -> None:
     """Write ``adapter`` as a PEFT LoRA directory that ``peft.PeftModel.from_pretrained`` loads.
 
     ``fan_in_fan_out``: the base model's (in, out)-stored modules (``Model.fan_in_fan_out``), used to lay
     out dense leaves. ``base_model_class`` (e.g. ``"LlamaForCausalLM"``) fills PEFT's ``auto_mapping``.
-    The directory appears complete or not at all (an existing one is replaced).
+    The directory appears complete or not at all; an existing non-empty one is refused unless
+    ``overwrite`` and it is a previous jaxsparse output (see :func:`jaxsparse.atomic.atomic_dir`).
     """
     config = adapter.config
     if not isinstance(config, LoraConfig):
@@ -334,7 +360,7 @@ def save_peft_lora(
                 f"(r={r}, scaling={config.scaling(module)}); PEFT would apply a different update"
             )
     data = write_safetensors_bytes(lora_state_dict(adapter, fan_in_fan_out=fan_in_fan_out), {"format": "pt"})
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, format="peft_lora") as tmp:
         atomic_write_text(
             os.path.join(tmp, CONFIG_NAME),
             json.dumps(

@@ -30,7 +30,9 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -42,8 +44,11 @@ from jaxsparse import tree as tree_lib
 from jaxsparse.atomic import atomic_dir, atomic_write_bytes, atomic_write_text
 from jaxsparse.convert import (
     DIFFERENT_BASE_HINT,
+    NAME_LIST,
+    NAMES,
     AdapterFormatError,
     check_dense,
+    check_field_types,
     check_values,
     from_hf_coords,
     layout_metadata,
@@ -55,7 +60,6 @@ from jaxsparse.convert import (
     to_hf_coords,
     write_safetensors_bytes,
 )
-from jaxsparse.convert.peft import to_shira_layout
 from jaxsparse.delta import Adapter, SparseDelta
 from jaxsparse.methods.shira import ShiraConfig
 from jaxsparse.models import naming
@@ -66,6 +70,74 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 PEFT_VERSION = "0.21.2"
 INDICES, WEIGHT = ".shira_indices", ".shira_weight"
+
+
+def _check_linear(path: str, delta: SparseDelta, fan_in_fan_out: Sequence[str]) -> None:
+    if tree_lib.leaf_name(path) != "kernel" or len(delta.shape) != 2:
+        raise ValueError(
+            f"{path}: PEFT SHiRA adapts linear weights only, this delta is on a {len(delta.shape)}-D "
+            f"{tree_lib.leaf_name(path)!r}; export it with --format sparta"
+        )
+    if not naming.hf_key(path, fan_in_fan_out=fan_in_fan_out)[1]:
+        raise ValueError(
+            f"{tree_lib.module_of(path)}: a GPT-2 style Conv1D (fan_in_fan_out) layer; PEFT SHiRA supports "
+            "only torch.nn.Linear (its get_peft_model raises TypeError for Conv1D), so this adapter cannot "
+            "be written as PEFT SHiRA; export it with --format sparta"
+        )
+
+
+def to_shira_layout(adapter: Adapter, *, fan_in_fan_out: Sequence[str] = ()) -> Adapter:
+    """The same sparse adapter with a :class:`ShiraConfig` and ``k = r * (in + out)`` entries per module.
+
+    ``r`` is the smallest integer with ``r * (in + out) >= k`` for every module; missing entries are
+    zeros at the lowest unused flat positions. A module too small for that ``r`` (``r * (in + out) >
+    in * out``, which PEFT rejects) is a ``ValueError`` naming it. ``fan_in_fan_out`` lists the base
+    model's Conv1D modules (``Model.fan_in_fan_out``), which are refused.
+    """
+    if not adapter.deltas:
+        raise ValueError("the adapter has no deltas; nothing to write as PEFT SHiRA")
+    for path, d in adapter.deltas.items():
+        if not isinstance(d, SparseDelta):
+            raise ValueError(
+                f"{path}: PEFT SHiRA holds sparse deltas; got {type(d).__name__} (use the LoRA layout)"
+            )
+        _check_linear(path, d, fan_in_fan_out)
+    r = max(math.ceil(d.k / (d.shape[0] + d.shape[1])) for d in adapter.deltas.values())
+    r = max(r, 1)
+    deltas: dict[str, SparseDelta] = {}
+    for path, d in sorted(adapter.deltas.items()):
+        fan_in, fan_out = d.shape
+        k = r * (fan_in + fan_out)
+        if k > fan_in * fan_out:
+            raise ValueError(
+                f"{path}: PEFT SHiRA would need r={r} (for the densest module) and r * (in + out) = {k} entries, "
+                f"more than this {d.shape} weight has; PEFT cannot load it, export it with --format sparta"
+            )
+        indices = np.asarray(d.indices, np.int64)
+        values = np.asarray(d.values)
+        extra = np.setdiff1d(np.arange(k, dtype=np.int64), indices, assume_unique=True)[: k - d.k]
+        all_indices = np.concatenate([indices, extra])
+        order = np.argsort(all_indices, kind="stable")
+        all_values = np.concatenate([values, np.zeros(extra.shape, values.dtype)])[order]
+        deltas[path] = SparseDelta(
+            indices=jnp.asarray(all_indices[order].astype(np.asarray(d.indices).dtype)),
+            values=jnp.asarray(all_values),
+            shape=d.shape,
+        )
+    source = adapter.config
+    if isinstance(source, ShiraConfig):
+        return Adapter(deltas=deltas, dense=dict(adapter.dense), config=dataclasses.replace(source, r=r))
+    config = ShiraConfig(
+        r=r,
+        target_modules=sorted(tree_lib.module_of(p) for p in deltas),
+        init_weights=getattr(source, "init_weights", True),
+        random_seed=getattr(source, "random_seed", None),
+        mask_type=getattr(source, "mask_type", "random"),
+        modules_to_save=sorted({tree_lib.module_of(p) for p in adapter.dense}) or None,
+        task_type=getattr(source, "task_type", None),
+        base_model_name_or_path=getattr(source, "base_model_name_or_path", None),
+    )
+    return Adapter(deltas=deltas, dense=dict(adapter.dense), config=config)
 
 
 def _shira_rank(adapter: Adapter) -> int:
@@ -105,7 +177,7 @@ def _module_list(value: Any) -> list[str] | str | None:
 def peft_shira_config(adapter: Adapter, *, base_model_name_or_path: str | None = None) -> dict[str, Any]:
     """The ``adapter_config.json`` PEFT writes for this adapter (same keys, same value types).
 
-    ``adapter`` must already have PEFT's layout (:func:`jaxsparse.convert.peft.to_shira_layout`).
+    ``adapter`` must already have PEFT's layout (:func:`to_shira_layout`).
     """
     config = adapter.config if isinstance(adapter.config, ShiraConfig) else ShiraConfig()
     modules = sorted({tree_lib.module_of(p) for p in adapter.deltas})
@@ -162,20 +234,23 @@ def save_peft_shira(
     *,
     base_model_name_or_path: str | None = None,
     fan_in_fan_out: Sequence[str] = (),
+    overwrite: bool = False,
 ) -> None:
     """Write ``adapter`` as a PEFT SHiRA directory (``PeftModel.from_pretrained`` loads it).
 
-    Any sparse adapter goes through :func:`jaxsparse.convert.peft.to_shira_layout` first: modules
+    Any sparse adapter goes through :func:`to_shira_layout` first: modules
     whose k is not ``r * (in + out)`` are padded with zero-valued entries, and what PEFT cannot load
     (a delta on a GPT-2 ``Conv1D``, a module too small for the common ``r``) is refused before
     anything is written. ``fan_in_fan_out``: the base model's modules stored (in, out) in Hugging
-    Face (``Model.fan_in_fan_out``). The directory appears complete or not at all.
+    Face (``Model.fan_in_fan_out``). The directory appears complete or not at all; an existing
+    non-empty one is refused unless ``overwrite`` and it is a previous jaxsparse output
+    (see :func:`jaxsparse.atomic.atomic_dir`).
     """
     adapter = to_shira_layout(adapter, fan_in_fan_out=fan_in_fan_out)
     config = peft_shira_config(adapter, base_model_name_or_path=base_model_name_or_path)
     tensors, layout = shira_state_dict(adapter, fan_in_fan_out=fan_in_fan_out)
     data = write_safetensors_bytes(tensors, layout_metadata(layout))
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, format="peft_shira") as tmp:
         atomic_write_text(os.path.join(tmp, CONFIG_NAME), json.dumps(config, indent=2, sort_keys=True) + "\n")
         atomic_write_bytes(os.path.join(tmp, WEIGHTS_NAME), data)
 
@@ -197,8 +272,22 @@ def shira_config_from_peft(raw: dict[str, Any], where: str) -> ShiraConfig:
         "task_type",
         "base_model_name_or_path",
     )
+    check_field_types(raw, _FIELD_KINDS, where)
     kwargs = {f: raw[f] for f in fields if f in raw}
     return ShiraConfig(r=r, **kwargs)
+
+
+# What PEFT's SHiRA config holds in each field we read (a hand-edited or corrupt file is refused).
+_FIELD_KINDS = {
+    "mask_type": "str",
+    "random_seed": "int|null",
+    "target_modules": NAMES,
+    "fan_in_fan_out": "bool",
+    "init_weights": "bool",
+    "modules_to_save": NAME_LIST,
+    "task_type": "str|null",
+    "base_model_name_or_path": "str|null",
+}
 
 
 def load_peft_shira(

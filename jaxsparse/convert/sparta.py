@@ -1,11 +1,13 @@
 """Read and write SpaRTA adapters in the layout of the SpaRTA authors' package (``peft_sparta``).
 
-Confirmed by reading IBM/SpaRTA's ``peft_sparta`` (``sparta.py``: ``SpaRTA.save(merged=False)``;
-``sparta_model.py``: ``load_sparse_deltas``, ``SpaRTAforCausalLM``, ``SpaRTAforSequenceClassification``):
+Confirmed by reading IBM/SpaRTA's ``peft_sparta`` 0.0.3 (``sparta.py``: ``SpaRTA.save(merged=False)``;
+``loader.py``: ``load_sparse_deltas``, ``SpaRTAforCausalLM``, ``SpaRTAforSequenceClassification``), and
+tested by loading our files with it (``tests/convert/test_sparta.py``):
 
-- ``config.json``: the base model's Hugging Face config plus ``sparta_pretrained_model`` (the base
-  model's name or path); for classification also ``id2label`` and
-  ``problem_type: "single_label_classification"``.
+- ``config.json``: the base model's Hugging Face config plus ``sparta_pretrained_model``, which their
+  loaders hand to transformers' ``from_pretrained`` (we write an existing local path absolute); for
+  classification also ``id2label`` and ``problem_type: "single_label_classification"`` (both asserted
+  by their classifier).
 - ``sparse_deltas.safetensors``: ``indices.<name>`` int32 (n, ndim) -- one row of coordinates per
   trained entry, as ``mask.nonzero()`` gives them (row-major sorted) -- and ``deltas.<name>`` float32
   (n,), for ``<name>`` the transformers ``named_parameters()`` names (the authors write an entry,
@@ -50,8 +52,11 @@ from jaxsparse import tree as tree_lib
 from jaxsparse.atomic import atomic_dir, atomic_write_bytes, atomic_write_text
 from jaxsparse.convert import (
     DIFFERENT_BASE_HINT,
+    NAME_LIST,
+    NAMES,
     AdapterFormatError,
     check_dense,
+    check_field_types,
     check_values,
     from_hf_coords,
     hf_shape,
@@ -80,6 +85,14 @@ BASE_KEY = "sparta_pretrained_model"
 DENSE_KEY = "sparta_modules_to_save"
 CONFIG_KEY = "jaxsparse_sparta_config"
 _CONFIG_FIELDS = ("density", "target_modules", "exclude_modules", "modules_to_save", "seed", "task_type")
+_CONFIG_KINDS = {
+    "density": "number",
+    "target_modules": NAMES,
+    "exclude_modules": NAMES,
+    "modules_to_save": NAME_LIST,
+    "seed": "int",
+    "task_type": "str|null",
+}
 
 
 def _config_dict(hf_config: Any) -> dict[str, Any]:
@@ -143,12 +156,14 @@ def save_sparta(
     hf_config: Any = None,
     params: PyTree | None = None,
     fan_in_fan_out: Sequence[str] = (),
+    overwrite: bool = False,
 ) -> None:
     """Write ``adapter`` as a SpaRTA adapter directory.
 
     ``hf_config`` (a transformers config or its dict) is copied into ``config.json`` as the authors
     do; ``params`` adds the empty entries for untouched parameters. The directory appears complete or
-    not at all.
+    not at all; an existing non-empty one is refused unless ``overwrite`` and it is a previous
+    jaxsparse output (see :func:`jaxsparse.atomic.atomic_dir`).
     """
     config = adapter.config
     tensors, layout, dense_names = sparta_tensors(adapter, params=params, fan_in_fan_out=fan_in_fan_out)
@@ -158,14 +173,18 @@ def save_sparta(
         or getattr(config, "base_model_name_or_path", None)
         or out.get("_name_or_path")
     )
+    if base and os.path.exists(base):
+        # The authors' loaders hand this to transformers' from_pretrained from any working directory.
+        base = os.path.abspath(base)
     out[BASE_KEY] = base
     out[DENSE_KEY] = dense_names
     if isinstance(config, SpartaConfig):
         out[CONFIG_KEY] = {f: _jsonable(getattr(config, f)) for f in _CONFIG_FIELDS}
         if config.task_type == "SEQ_CLS":
-            out.setdefault("problem_type", "single_label_classification")
+            # transformers' to_dict() holds problem_type=None; the authors' classifier asserts this value.
+            out["problem_type"] = out.get("problem_type") or "single_label_classification"
     data = write_safetensors_bytes(tensors, layout_metadata(layout))
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, format="sparta") as tmp:
         atomic_write_text(os.path.join(tmp, CONFIG_NAME), json.dumps(out, indent=2, sort_keys=True) + "\n")
         atomic_write_bytes(os.path.join(tmp, WEIGHTS_NAME), data)
         if HEAD_NAME in dense_names:
@@ -216,10 +235,12 @@ def _read_deltas(
         if not isinstance(obj, Mapping) or not {"indices", "deltas"} <= set(obj):
             raise AdapterFormatError(f"{pt_path}: expected a dict with 'indices' and 'deltas'")
         for part, store in (("indices", indices), ("deltas", deltas)):
-            for name, value in obj[part].items():
-                store[name] = (
-                    value.detach().cpu().float().numpy() if value.is_floating_point() else value.numpy()
+            if not isinstance(obj[part], Mapping):
+                raise AdapterFormatError(
+                    f"{pt_path}: '{part}' must map parameter names to tensors, got {type(obj[part]).__name__}"
                 )
+            for name, value in obj[part].items():
+                store[str(name)] = _pt_array(value, f"{pt_path}: {part}[{name!r}]")
         return indices, deltas, {}, pt_path
     raise AdapterFormatError(f"{adapter_dir}: no {WEIGHTS_NAME} or {PICKLE_NAME} (not a SpaRTA adapter)")
 
@@ -234,11 +255,21 @@ def _read_head_init(adapter_dir: str) -> tuple[np.ndarray | None, str]:
             raise AdapterFormatError(f"{st_path}: no {HEAD_INIT_KEY!r} tensor (found {sorted(tensors)})")
         return check_dense(tensors[HEAD_INIT_KEY], f"{st_path}: {HEAD_INIT_KEY}").astype(np.float32), st_path
     if os.path.isfile(pt_path):
-        value = _torch_load(pt_path)
-        if not hasattr(value, "float"):
-            raise AdapterFormatError(f"{pt_path}: expected a tensor, got {type(value).__name__}")
-        return np.asarray(value.float().numpy()), pt_path
+        value = _pt_array(_torch_load(pt_path), pt_path)
+        return check_dense(value, pt_path).astype(np.float32), pt_path
     return None, st_path
+
+
+def _pt_array(value: Any, where: str) -> np.ndarray:
+    """A tensor from a torch file as NumPy (floats as float32); anything else is refused."""
+    import torch  # only reached after _torch_load imported it
+
+    if not isinstance(value, torch.Tensor) or value.is_complex():
+        raise AdapterFormatError(
+            f"{where}: expected a real tensor, got {type(value).__name__} {getattr(value, 'dtype', '')}"
+        )
+    value = value.detach().cpu()
+    return value.float().numpy() if value.is_floating_point() else value.numpy()
 
 
 def load_sparta(
@@ -262,6 +293,7 @@ def load_sparta(
         raise AdapterFormatError(
             f"{source}: '{missing}.{name}' missing (every parameter needs indices and deltas)"
         )
+    check_field_types(raw, {BASE_KEY: "str|null", DENSE_KEY: NAME_LIST, CONFIG_KEY: "object|null"}, cfg_path)
     head_init, head_path = _read_head_init(adapter_dir)
     dense_names = set(raw.get(DENSE_KEY) or ()) | ({HEAD_NAME} if head_init is not None else set())
 
@@ -304,6 +336,7 @@ def _sparta_config(raw: dict[str, Any], deltas: dict[str, SparseDelta], where: s
     base = raw.get(BASE_KEY)
     saved = raw.get(CONFIG_KEY)
     if isinstance(saved, Mapping):
+        check_field_types(saved, _CONFIG_KINDS, f"{where}: {CONFIG_KEY}")
         kwargs = {f: saved[f] for f in _CONFIG_FIELDS if f in saved}
         try:
             return SpartaConfig(**kwargs, base_model_name_or_path=base)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from jaxsparse import tree as tree_lib
 from jaxsparse.delta import Adapter, LowRankDelta
+from jaxsparse.methods.registry import Method
 from jaxsparse.methods.shira import _freeze
 
 PyTree = Any
@@ -219,3 +220,15 @@ def _init_factors(
         a = linear_default(key_a, (fan_in, r), fan_in)
     b = linear_default(key_b, (r, fan_out), r) if how is False else jnp.zeros((r, fan_out), jnp.float32)
     return a, b
+
+
+METHOD = Method(
+    name="lora",
+    config_class=LoraConfig,
+    init=init,
+    yaml_keys={"adapter.r": "r", "adapter.lora_alpha": "lora_alpha"},
+    native_format="peft_lora",
+    # PEFT's own default target when none is named
+    default_target_modules="all-linear",
+    description="LoRA: a rank-r update B A * alpha / r per weight",
+)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jaxsparse import masks
 from jaxsparse import tree as tree_lib
 from jaxsparse.delta import Adapter, SparseDelta
+from jaxsparse.methods.registry import Method
 
 PyTree = Any
 MASK_TYPES = ("random", "magnitude", "gradient")
@@ -128,3 +129,13 @@ def init(
         )
         deltas[path] = SparseDelta(indices=indices, values=values, shape=tuple(weight.shape))
     return Adapter(deltas=deltas, dense=dense_copies(params, dense_paths), config=config)
+
+
+METHOD = Method(
+    name="shira",
+    config_class=ShiraConfig,
+    init=init,
+    yaml_keys={"adapter.r": "r", "adapter.mask_type": "mask_type", "seed": "random_seed"},
+    native_format="peft_shira",
+    description="SHiRA: r * (in + out) trained entries per weight",
+)

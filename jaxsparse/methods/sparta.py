@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jaxsparse import masks
 from jaxsparse import tree as tree_lib
 from jaxsparse.delta import Adapter, SparseDelta
+from jaxsparse.methods.registry import Method
 from jaxsparse.methods.shira import _freeze
 
 PyTree = Any
@@ -76,3 +77,13 @@ def init(params: PyTree, config: SpartaConfig, key: jax.Array | None = None) -> 
         values = jnp.zeros((indices.shape[0],), jnp.float32)
         deltas[path] = SparseDelta(indices=indices, values=values, shape=tuple(weight.shape))
     return Adapter(deltas=deltas, dense=dense_copies(params, dense_paths), config=config)
+
+
+METHOD = Method(
+    name="sparta",
+    config_class=SpartaConfig,
+    init=init,
+    yaml_keys={"adapter.density": "density", "seed": "seed"},
+    native_format="sparta",
+    description="SpaRTA: a random fraction `density` of each weight's entries trained",
+)

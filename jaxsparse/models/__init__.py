@@ -24,7 +24,6 @@ from jaxsparse.models.base import (
 )
 from jaxsparse.models.hub import (
     CheckpointError,
-    from_pretrained,
     from_state_dict,
     from_torch,
     init_params,
@@ -35,6 +34,7 @@ from jaxsparse.models.hub import (
     to_state_dict,
     write_safetensors,
 )
+from jaxsparse.models.pretrained import from_pretrained
 
 # Modules that register an Architecture on import (llama.py registers the whole Llama family:
 # llama, mistral, qwen2, gemma, phi3).

@@ -6,8 +6,8 @@ dotted paths are the Hugging Face module paths with Flax leaf names (``kernel`` 
 ``bias``, ``embedding``, ``scale``); see :mod:`jaxsparse.models.naming`. Adapters are applied to
 ``params`` as pure tree transforms before calling ``apply_fn``.
 
-Tasks: ``"base"`` (last hidden state (B, T, H)), ``"causal_lm"`` (logits (B, T, V)) and
-``"seq_cls"`` (logits (B, num_labels)).
+Tasks: ``"base"`` (last hidden state (B, T, H)), ``"causal_lm"`` (logits (B, T, V)),
+``"seq_cls"`` (logits (B, num_labels)) and ``"masked_lm"`` (logits (B, T, V) of an encoder's MLM head).
 """
 
 from __future__ import annotations
@@ -23,10 +23,15 @@ import numpy as np
 
 from jaxsparse.tree import leaf_paths, replace_leaves
 
-TASKS = ("base", "causal_lm", "seq_cls")
+TASKS = ("base", "causal_lm", "seq_cls", "masked_lm")
 
 # The Hugging Face class name suffix of each task's model class (``GPT2`` overrides causal_lm).
-_TASK_CLASS_SUFFIX = {"base": "Model", "causal_lm": "ForCausalLM", "seq_cls": "ForSequenceClassification"}
+_TASK_CLASS_SUFFIX = {
+    "base": "Model",
+    "causal_lm": "ForCausalLM",
+    "seq_cls": "ForSequenceClassification",
+    "masked_lm": "ForMaskedLM",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +52,11 @@ class Architecture:
       embedding), so the copy is dropped on load and never written.
     - ``ignore_keys``: regexes of non-parameter keys old checkpoints carry (buffers such as GPT-2's
       ``attn.bias``), dropped silently on load.
+    - ``unused_keys``: per task, regexes of real weights that task's model has no parameter for
+      (BERT's pooler under ``"masked_lm"``), dropped on load with a warning as transformers does.
     - ``hf_class_names``: the transformers class per task, written to ``config.architectures`` on save;
-      by default ``<Prefix>Model`` / ``<Prefix>ForCausalLM`` / ``<Prefix>ForSequenceClassification``
-      from the config class name.
+      by default ``<Prefix>Model`` / ``<Prefix>ForCausalLM`` / ``<Prefix>ForSequenceClassification`` /
+      ``<Prefix>ForMaskedLM`` from the config class name.
     - ``init``: ``init(config, abstract_params, seed) -> params`` replacing :func:`default_init`
       (e.g. GPT-2's scaled residual projections, Gemma's zero-centred norms).
     - ``dropout``: whether the models take ``dropout_rng=`` (training-time dropout at the config's rates).
@@ -62,6 +69,7 @@ class Architecture:
     base_model_prefix: str = "model"
     tied: Mapping[str, str] = dataclasses.field(default_factory=dict)
     ignore_keys: tuple[str, ...] = ()
+    unused_keys: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     hf_class_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
     init: Callable[[Any, Any, int], Any] | None = None
     dropout: bool = False

@@ -1,8 +1,13 @@
-"""BERT (``model_type="bert"``; covers MiniLM): ``BertModel`` and ``BertForSequenceClassification``.
+"""BERT (``model_type="bert"``; covers MiniLM): ``BertModel``, ``BertForSequenceClassification`` and
+``BertForMaskedLM``.
 
 Parameter paths are the transformers module paths: ``embeddings.word_embeddings.embedding``,
 ``encoder.layer.0.attention.self.query.kernel``, ``pooler.dense.kernel`` for ``"base"``; the same under
-``bert.`` plus ``classifier.kernel`` for ``"seq_cls"``. Dropout (``hidden_dropout_prob``,
+``bert.`` plus ``classifier.kernel`` for ``"seq_cls"``. ``"masked_lm"`` has no pooler (as transformers'
+``BertModel(add_pooling_layer=False)``) and the head ``cls.predictions.transform.dense.kernel``,
+``cls.predictions.transform.LayerNorm.scale`` and ``cls.predictions.bias``; its decoder is the word
+embedding itself (no parameter of its own) unless ``config.tie_word_embeddings`` is false, when
+``cls.predictions.decoder.kernel``/``.bias`` exist as in transformers. Dropout (``hidden_dropout_prob``,
 ``attention_probs_dropout_prob``, ``classifier_dropout``) runs only when a ``dropout_rng`` is given.
 
 Example:
@@ -142,13 +147,16 @@ class BertPooler(nnx.Module):
 
 
 class BertModel(nnx.Module):
-    """``transformers.BertModel`` (with its pooler); ``__call__`` returns the last hidden state."""
+    """``transformers.BertModel`` (with its pooler unless ``add_pooling_layer=False``); ``__call__``
+    returns the last hidden state."""
 
-    def __init__(self, config: Any, dtype: Any = jnp.float32, *, rngs: nnx.Rngs):
+    def __init__(
+        self, config: Any, dtype: Any = jnp.float32, *, add_pooling_layer: bool = True, rngs: nnx.Rngs
+    ):
         _check_config(config)
         self.embeddings = BertEmbeddings(config, dtype, rngs)
         self.encoder = BertEncoder(config, dtype, rngs)
-        self.pooler = BertPooler(config, dtype, rngs)
+        self.pooler = BertPooler(config, dtype, rngs) if add_pooling_layer else None
 
     def __call__(
         self, input_ids, attention_mask=None, *, token_type_ids=None, position_ids=None, dropout_rng=None
@@ -181,7 +189,67 @@ class BertForSequenceClassification(nnx.Module):
         return self.classifier(drop(self.bert.pooler(hidden), self.dropout_rate))
 
 
+class BertPredictionHeadTransform(nnx.Module):
+    """``dense`` -> ``hidden_act`` -> ``LayerNorm``, the MLM head's transform of each hidden state."""
+
+    def __init__(self, config: Any, dtype: Any, rngs: nnx.Rngs):
+        h = config.hidden_size
+        self.dense = layers.linear(h, h, std=config.initializer_range, dtype=dtype, rngs=rngs)
+        self.act = layers.activation(config.hidden_act)
+        self.LayerNorm = layers.layer_norm(h, eps=config.layer_norm_eps, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.LayerNorm(self.act(self.dense(x)))
+
+
+class BertLMPredictionHead(nnx.Module):
+    """Transform, then vocabulary logits: ``x @ word_embeddings.T + bias`` when tied (one parameter
+    shared with the input embedding, so training and saving cannot untie it), else its own ``decoder``.
+
+    transformers keeps ``cls.predictions.bias`` even when untied (the decoder then uses its own bias);
+    so do we, so that an untied checkpoint round-trips key for key.
+    """
+
+    def __init__(self, config: Any, dtype: Any, rngs: nnx.Rngs):
+        self.transform = BertPredictionHeadTransform(config, dtype, rngs)
+        self.bias = nnx.Param(jnp.zeros((config.vocab_size,), dtype))
+        tied = getattr(config, "tie_word_embeddings", True)
+        h, v, std = config.hidden_size, config.vocab_size, config.initializer_range
+        self.decoder = None if tied else layers.linear(h, v, std=std, dtype=dtype, rngs=rngs)
+
+    def __call__(self, hidden, word_embeddings):
+        x = self.transform(hidden)
+        if self.decoder is not None:
+            return self.decoder(x)
+        return layers.tied_logits(x, word_embeddings) + self.bias[...].astype(x.dtype)
+
+
+class BertOnlyMLMHead(nnx.Module):
+    def __init__(self, config: Any, dtype: Any, rngs: nnx.Rngs):
+        self.predictions = BertLMPredictionHead(config, dtype, rngs)
+
+    def __call__(self, hidden, word_embeddings):
+        return self.predictions(hidden, word_embeddings)
+
+
+class BertForMaskedLM(nnx.Module):
+    """``transformers.BertForMaskedLM``: encoder (no pooler) -> ``cls.predictions`` -> (B, T, vocab) logits."""
+
+    def __init__(self, config: Any, dtype: Any = jnp.float32, *, rngs: nnx.Rngs):
+        self.bert = BertModel(config, dtype, add_pooling_layer=False, rngs=rngs)
+        self.cls = BertOnlyMLMHead(config, dtype, rngs)
+
+    def __call__(
+        self, input_ids, attention_mask=None, *, token_type_ids=None, position_ids=None, dropout_rng=None
+    ):
+        drop = layers.Dropout(dropout_rng)
+        hidden = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids, drop)
+        return self.cls(hidden, self.bert.embeddings.word_embeddings.embedding[...])
+
+
 def _factory(config: Any, task: str, dtype: Any, rngs: nnx.Rngs) -> nnx.Module:
+    if task == "masked_lm":
+        return BertForMaskedLM(config, dtype, rngs=rngs)
     cls = BertForSequenceClassification if task == "seq_cls" else BertModel
     return cls(config, dtype, rngs=rngs)
 
@@ -204,9 +272,19 @@ def init_zero_padding_row(config: Any, abstract_params: Any, seed: int = 0) -> A
 ARCHITECTURE = register(
     Architecture(
         model_type="bert",
-        tasks=("base", "seq_cls"),
+        tasks=("base", "seq_cls", "masked_lm"),
         build=nnx_build(_factory),
         base_model_prefix="bert",
+        # Checkpoint copies of the tied decoder (transformers' ``_tied_weights_keys``); when tied, our
+        # decoder reads the embedding and ``cls.predictions.bias``, so these are dropped on load.
+        tied={
+            "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+            "cls.predictions.decoder.bias": "cls.predictions.bias",
+        },
+        # Keys a task's model has no parameter for, dropped with a warning as transformers does: the
+        # pooler of an encoder checkpoint (BertForMaskedLM has none), the next-sentence head of a
+        # BertForPreTraining checkpoint.
+        unused_keys={"masked_lm": (r"^bert\.pooler\.", r"^cls\.seq_relationship\.")},
         init=init_zero_padding_row,
         dropout=True,
     )

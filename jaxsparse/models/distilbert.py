@@ -1,8 +1,11 @@
-"""DistilBERT (``model_type="distilbert"``): ``DistilBertModel`` and ``DistilBertForSequenceClassification``.
+"""DistilBERT (``model_type="distilbert"``): ``DistilBertModel``, ``DistilBertForSequenceClassification``
+and ``DistilBertForMaskedLM``.
 
 Paths follow transformers: ``transformer.layer.0.attention.q_lin.kernel`` (also ``k_lin``, ``v_lin``,
 ``out_lin``), ``transformer.layer.0.ffn.lin1.kernel``, ``...sa_layer_norm.scale``; under
-``distilbert.`` plus ``pre_classifier`` and ``classifier`` for ``"seq_cls"``. Inference only.
+``distilbert.`` plus ``pre_classifier`` and ``classifier`` for ``"seq_cls"``, or ``vocab_transform``,
+``vocab_layer_norm`` and ``vocab_projector.bias`` for ``"masked_lm"`` (the projector's weight is the
+word embedding itself unless ``config.tie_word_embeddings`` is false). No dropout.
 
 Example:
     >>> import jax.numpy as jnp, transformers
@@ -118,6 +121,43 @@ class DistilBertForSequenceClassification(nnx.Module):
         return self.classifier(jax.nn.relu(self.pre_classifier(hidden[:, 0])))
 
 
+class TiedVocabProjector(nnx.Module):
+    """``vocab_projector`` when tied: logits ``x @ word_embeddings.T + bias``. The embedding is the one
+    weight (no copy), so the two cannot come untied in training or saving."""
+
+    def __init__(self, config: Any, dtype: Any):
+        self.bias = nnx.Param(jnp.zeros((config.vocab_size,), dtype))
+
+    def __call__(self, x, word_embeddings):
+        return layers.tied_logits(x, word_embeddings) + self.bias[...].astype(x.dtype)
+
+
+class DistilBertForMaskedLM(nnx.Module):
+    """``transformers.DistilBertForMaskedLM``: ``vocab_transform`` -> activation -> ``vocab_layer_norm``
+    -> ``vocab_projector``, (B, T, vocab) logits."""
+
+    def __init__(self, config: Any, dtype: Any = jnp.float32, *, rngs: nnx.Rngs):
+        d = config.dim
+        self.distilbert = DistilBertModel(config, dtype, rngs=rngs)
+        self.vocab_transform = layers.linear(d, d, std=config.initializer_range, dtype=dtype, rngs=rngs)
+        self.activation = layers.activation(config.activation)
+        self.vocab_layer_norm = layers.layer_norm(d, eps=_LAYER_NORM_EPS, dtype=dtype, rngs=rngs)
+        self.tied = bool(getattr(config, "tie_word_embeddings", True))
+        if self.tied:
+            self.vocab_projector = TiedVocabProjector(config, dtype)
+        else:
+            self.vocab_projector = layers.linear(
+                d, config.vocab_size, std=config.initializer_range, dtype=dtype, rngs=rngs
+            )
+
+    def __call__(self, input_ids, attention_mask=None, *, position_ids=None):
+        hidden = self.distilbert(input_ids, attention_mask, position_ids=position_ids)
+        x = self.vocab_layer_norm(self.activation(self.vocab_transform(hidden)))
+        if self.tied:
+            return self.vocab_projector(x, self.distilbert.embeddings.word_embeddings.embedding[...])
+        return self.vocab_projector(x)
+
+
 def sinusoidal_positions(n_pos: int, dim: int) -> np.ndarray:
     """DistilBERT's fixed position table: ``sin`` on even, ``cos`` on odd features (float32)."""
     pos = np.arange(n_pos)[:, None]
@@ -140,6 +180,8 @@ def _init(config: Any, abstract_params: Any, seed: int = 0) -> Any:
 
 
 def _factory(config: Any, task: str, dtype: Any, rngs: nnx.Rngs) -> nnx.Module:
+    if task == "masked_lm":
+        return DistilBertForMaskedLM(config, dtype, rngs=rngs)
     cls = DistilBertForSequenceClassification if task == "seq_cls" else DistilBertModel
     return cls(config, dtype, rngs=rngs)
 
@@ -147,9 +189,11 @@ def _factory(config: Any, task: str, dtype: Any, rngs: nnx.Rngs) -> nnx.Module:
 ARCHITECTURE = register(
     Architecture(
         model_type="distilbert",
-        tasks=("base", "seq_cls"),
+        tasks=("base", "seq_cls", "masked_lm"),
         build=nnx_build(_factory),
         base_model_prefix="distilbert",
+        # transformers' ``_tied_weights_keys``: a checkpoint's copy of the tied projector weight.
+        tied={"vocab_projector.weight": "distilbert.embeddings.word_embeddings.weight"},
         init=_init,
     )
 )

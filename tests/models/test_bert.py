@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -221,3 +224,169 @@ def test_classifier_dropout_matches_numpy_oracle(padded_batch):
     want = (pooled * keep / 0.5) @ np.asarray(head["kernel"]) + np.asarray(head["bias"])
     assert 0 < keep.mean() < 1
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- masked LM
+
+
+def _perturbed(torch_model, seed=0):
+    """Every parameter moved off its init (biases 0 and norms 1 at init would hide a missing or
+    misplaced bias or scale); tied parameters are one tensor, so they move together."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in torch_model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return torch_model.eval()
+
+
+def _mlm_config(config, tie=True):
+    config.tie_word_embeddings = tie
+    return config
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_masked_lm_parity_with_padding(config, padded_batch, parity, tie):
+    tm = _perturbed(_torch_model(transformers.BertForMaskedLM, _mlm_config(config, tie)))
+    model = models.from_torch(tm)
+    assert model.task == "masked_lm"
+    ids, mask = padded_batch
+    token_types = np.array([[0, 0, 0, 1, 1, 1]] * 3)
+    assert parity(tm, model, ids, mask, token_type_ids=token_types) <= 1e-5
+    paths = leaf_paths(model.params)
+    assert paths["cls.predictions.transform.dense.kernel"].shape == (32, 32)
+    assert paths["cls.predictions.transform.LayerNorm.scale"].shape == (32,)
+    assert paths["cls.predictions.bias"].shape == (64,)
+    assert not any(p.startswith("bert.pooler") for p in paths)  # BertForMaskedLM has no pooler
+    decoder = {p for p in paths if ".decoder." in p}
+    # tied: the decoder is the word embedding, no parameter of its own
+    assert decoder == (set() if tie else {"cls.predictions.decoder.kernel", "cls.predictions.decoder.bias"})
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_masked_lm_saves_as_transformers_bert_for_masked_lm(
+    config, padded_batch, tmp_path, our_output, torch_output, tie
+):
+    model = models.from_torch(
+        _perturbed(_torch_model(transformers.BertForMaskedLM, _mlm_config(config, tie)))
+    )
+    models.save_pretrained(model, tmp_path / "mlm")
+    keys = set(models.read_checkpoint(tmp_path / "mlm"))
+    assert ("cls.predictions.decoder.weight" in keys) == (not tie)  # transformers writes no tied copy
+    tm = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "mlm").eval()
+    assert type(tm).__name__ == "BertForMaskedLM"
+    assert (tm.cls.predictions.decoder.weight is tm.bert.embeddings.word_embeddings.weight) == tie
+    ids, mask = padded_batch
+    keep = mask.astype(bool)
+    assert np.abs(our_output(model, ids, mask)[keep] - torch_output(tm, ids, mask)[keep]).max() <= 1e-5
+    back = models.from_pretrained(tmp_path / "mlm")
+    assert back.task == "masked_lm"
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back.params, model.params)
+
+
+def test_masked_lm_fresh_head_on_an_encoder_checkpoint(config, padded_batch, tmp_path):
+    """An encoder-only checkpoint (BertModel, pooler included, like the MiniLM asset) loads as
+    masked_lm: the pooler is dropped with a warning, the transform is new (transformers' init) and the
+    decoder is the word embedding: logits = LayerNorm(gelu(h W + b)) @ E^T + bias (NumPy oracle)."""
+    base = models.init_params(config, task="base", seed=0)
+    models.save_pretrained(base, tmp_path / "enc")
+    with pytest.warns(UserWarning, match=r"BertForMaskedLM has no parameter for 'bert\.pooler"):
+        model = models.from_pretrained(tmp_path / "enc", task="masked_lm", seed=4)
+    p = leaf_paths(model.params)
+    for path, x in leaf_paths(base.params).items():
+        if not path.startswith("pooler."):
+            np.testing.assert_array_equal(np.asarray(p["bert." + path]), np.asarray(x))
+    w = np.asarray(p["cls.predictions.transform.dense.kernel"])
+    assert 0.014 < w.std() < 0.026  # normal(0, initializer_range), 1024 draws
+    assert np.all(np.asarray(p["cls.predictions.bias"]) == 0)
+    assert np.all(np.asarray(p["cls.predictions.transform.LayerNorm.scale"]) == 1)
+
+    ids, mask = (jnp.asarray(a) for a in padded_batch)
+    h = np.asarray(base(ids, mask), np.float64)
+    t = h @ w + np.asarray(p["cls.predictions.transform.dense.bias"])
+    t = t * 0.5 * (1 + np.vectorize(math.erf)(t / math.sqrt(2)))  # exact gelu (hidden_act "gelu")
+    t = (t - t.mean(-1, keepdims=True)) / np.sqrt(t.var(-1, keepdims=True) + config.layer_norm_eps)
+    want = t @ np.asarray(p["bert.embeddings.word_embeddings.embedding"], np.float64).T
+    got = np.asarray(model(ids, mask))
+    keep = np.asarray(mask).astype(bool)
+    assert np.abs(got[keep] - want[keep]).max() <= 1e-5
+
+
+def test_tied_decoder_stays_tied_through_a_training_step_and_saving(
+    config, tmp_path, our_output, torch_output
+):
+    """The gradient of the MLM loss w.r.t. the word embedding is transformers' (input + decoder paths
+    of the one tied tensor); after the same SGD step in both, logits agree and the saved model is
+    still tied in transformers."""
+    from jaxsparse import mlm
+
+    tm = _perturbed(_torch_model(transformers.BertForMaskedLM, config))
+    model = models.from_torch(tm)
+    ids = np.random.default_rng(0).integers(5, 64, (4, 8))
+    ids[:, 0], ids[:, -1] = 2, 3
+    cfg = mlm.MaskingConfig(mask_token_id=4, vocab_size=64, special_ids=(0, 1, 2, 3, 4), mlm_probability=0.5)
+    inputs, labels = mlm.mask_tokens(ids, np.ones_like(ids), cfg, seed=0, step=0)
+    attention = np.ones_like(ids)
+
+    out = tm(
+        input_ids=torch.as_tensor(inputs),
+        attention_mask=torch.as_tensor(attention),
+        labels=torch.as_tensor(labels),
+    )
+    out.loss.backward()
+
+    def loss(params):
+        return mlm.masked_lm_loss(
+            model.apply_fn(params, jnp.asarray(inputs), jnp.asarray(attention)), jnp.asarray(labels)
+        )
+
+    value, grads = jax.value_and_grad(loss)(model.params)
+    assert abs(float(value) - out.loss.item()) <= 1e-5
+    g = leaf_paths(grads)
+    emb = tm.bert.embeddings.word_embeddings.weight.grad.numpy()
+    np.testing.assert_allclose(
+        np.asarray(g["bert.embeddings.word_embeddings.embedding"]), emb, atol=1e-6, rtol=0
+    )
+    bias = tm.cls.predictions.bias.grad.numpy()
+    np.testing.assert_allclose(np.asarray(g["cls.predictions.bias"]), bias, atol=1e-6, rtol=0)
+
+    lr = 0.5
+    with torch.no_grad():
+        for p in tm.parameters():
+            p.sub_(lr * p.grad)
+    stepped = dataclasses.replace(
+        model, params=jax.tree_util.tree_map(lambda p, d: p - lr * d, model.params, grads)
+    )
+    keep = attention.astype(bool)
+    assert (
+        np.abs(our_output(stepped, inputs, attention)[keep] - torch_output(tm, inputs, attention)[keep]).max()
+        <= 1e-5
+    )
+    models.save_pretrained(stepped, tmp_path / "stepped")
+    back = transformers.BertForMaskedLM.from_pretrained(tmp_path / "stepped").eval()
+    assert back.cls.predictions.decoder.weight is back.bert.embeddings.word_embeddings.weight
+    torch.testing.assert_close(
+        back.cls.predictions.decoder.weight, tm.cls.predictions.decoder.weight, atol=1e-6, rtol=0
+    )
+
+
+def test_masked_lm_is_refused_for_a_decoder_only_model():
+    cfg = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+    with pytest.raises(ValueError, match=r"model_type 'gpt2' supports tasks .* not 'masked_lm'"):
+        models.init_params(cfg, task="masked_lm")
+
+
+@pytest.mark.real
+def test_real_minilm_as_masked_lm(minilm_dir, tmp_path, our_output, torch_output):
+    """The MiniLM asset is an encoder only: it gets a fresh tied MLM head, and the saved model is a
+    BertForMaskedLM for transformers with our logits."""
+    with pytest.warns(UserWarning, match="pooler"):
+        model = models.from_pretrained(minilm_dir, task="masked_lm")
+    assert "cls.predictions.decoder.kernel" not in leaf_paths(model.params)
+    models.save_pretrained(model, tmp_path / "minilm-mlm")
+    tm = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "minilm-mlm").eval()
+    assert tm.cls.predictions.decoder.weight is tm.bert.embeddings.word_embeddings.weight
+    tok = models.load_tokenizer(minilm_dir)
+    batch = tok(["A man is [MASK] food.", "Sparse fine-tuning"], padding=True)
+    ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"])
+    keep = mask.astype(bool)
+    assert np.abs(our_output(model, ids, mask)[keep] - torch_output(tm, ids, mask)[keep]).max() <= 1e-4

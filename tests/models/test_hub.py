@@ -17,6 +17,7 @@ import torch
 import transformers
 
 from jaxsparse import models
+from jaxsparse.atomic import OutputExistsError
 from jaxsparse.models import hub
 from jaxsparse.models.hub import CheckpointError
 
@@ -161,18 +162,22 @@ def test_save_is_atomic(config, tmp_path, monkeypatch):
 
     monkeypatch.setattr(hub, "write_safetensors", boom)
     with pytest.raises(OSError, match="disk full"):
-        models.save_pretrained(models.init_params(config, task="base", seed=9), out)
+        models.save_pretrained(models.init_params(config, task="base", seed=9), out, overwrite=True)
     with pytest.raises(OSError, match="disk full"):
         models.save_pretrained(model, tmp_path / "fresh")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
-def test_save_replaces_existing_directory(config, tmp_path):
+def test_save_replaces_a_previous_output_only_with_overwrite(config, tmp_path):
     out = tmp_path / "out"
     models.save_pretrained(models.init_params(config, task="base", seed=0), out)
     model = models.init_params(config, task="seq_cls", seed=1)
-    models.save_pretrained(model, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(OutputExistsError, match="not empty"):
+        models.save_pretrained(model, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    models.save_pretrained(model, out, overwrite=True)
     assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForSequenceClassification"]
     assert sorted(os.listdir(tmp_path)) == ["out"]
     back = models.from_pretrained(out)
@@ -202,7 +207,11 @@ def test_sharded_save_matches_transformers_layout_and_loads_everywhere(config, t
     jax.tree_util.tree_map(np.testing.assert_array_equal, back.params, model.params)
     # under the limit: one model.safetensors, as before
     models.save_pretrained(model, tmp_path / "single", max_shard_size="1GB")
-    assert sorted(p.name for p in (tmp_path / "single").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "single").iterdir()) == [
+        ".jaxsparse-output.json",
+        "config.json",
+        "model.safetensors",
+    ]
 
 
 @pytest.mark.parametrize("size", ["5 parsecs", "GB", "-1", 0, "1.5GB"])
