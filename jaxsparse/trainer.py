@@ -786,9 +786,7 @@ def setup_run(
         base_params = prepared.model.params
         state_shardings = None
         if mesh is not None:
-            base_params = sharding_lib.shard_params(base_params, mesh)
-            state_shardings = _state_shardings(state, mesh, t.adapter_sharding)
-            state = sharding_lib.place(state, state_shardings)
+            state, base_params, state_shardings = place_on_mesh(state, base_params, mesh, t.adapter_sharding)
             log(
                 f"mesh {sharding_lib.describe(dict(mesh.shape))} over {mesh.size} devices ({jax.process_count()} processes)"
             )
@@ -890,14 +888,18 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _state_shardings(state: train_lib.TrainState, mesh: jax.sharding.Mesh, mode: str) -> Any:
-    # The step counter and the PRNG key are replicated whatever the adapter's layout.
-    return train_lib.TrainState(
+def place_on_mesh(
+    state: train_lib.TrainState, base_params: PyTree, mesh: jax.sharding.Mesh, adapter_sharding: str
+) -> tuple[train_lib.TrainState, PyTree, train_lib.TrainState]:
+    """``(state, base_params, state_shardings)`` on ``mesh``: the base FSDP-sharded, the adapter and
+    its optimizer state replicated (or split over ``fsdp``), the step counter and PRNG key replicated."""
+    shardings = train_lib.TrainState(
         step=sharding_lib.replicated(mesh),
-        adapter=sharding_lib.tree_shardings(state.adapter, mesh, mode),
-        opt_state=sharding_lib.tree_shardings(state.opt_state, mesh, mode),
+        adapter=sharding_lib.tree_shardings(state.adapter, mesh, adapter_sharding),
+        opt_state=sharding_lib.tree_shardings(state.opt_state, mesh, adapter_sharding),
         rng=sharding_lib.replicated(mesh),
     )
+    return sharding_lib.place(state, shardings), sharding_lib.shard_params(base_params, mesh), shardings
 
 
 def run_steps(run: Run, on_step: Callable[[int, float], None] | None = None) -> train_lib.TrainState:

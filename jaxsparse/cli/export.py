@@ -31,6 +31,12 @@ examples:
 """
 
 
+LORA_NOT_SPARSE = (
+    "a LoRA adapter is not sparse, and the SpaRTA layout holds index/value deltas only; export it with "
+    "--format peft (or merge it into the model with `jaxsparse merge`)"
+)
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export",
@@ -121,68 +127,63 @@ def recorded_fan_in_fan_out(adapter_dir: str) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Errors reach the user as one line through :func:`jaxsparse.cli.main`."""
     from jaxsparse.atomic import check_output_dir
-    from jaxsparse.cli.common import ERRORS, describe, fail, load_base_for_adapter
+    from jaxsparse.cli.common import describe, load_base_for_adapter
 
+    check_output_dir(args.output, overwrite=args.overwrite)  # before any model is loaded
+    from jaxsparse.adapter_io import adapter_format, load_adapter, save_adapter
+    from jaxsparse.convert.peft import save_peft
+    from jaxsparse.delta import LowRankDelta
+
+    if args.model is None and adapter_format(args.adapter) == "peft_lora":
+        return export_lora_without_base(args)
+    model, model_path = None, None
     try:
-        check_output_dir(args.output, overwrite=args.overwrite)  # before any model is loaded
-        from jaxsparse.adapter_io import adapter_format, load_adapter, save_adapter
-        from jaxsparse.convert.peft import save_peft
-        from jaxsparse.delta import LowRankDelta
-
-        if args.model is None and adapter_format(args.adapter) == "peft_lora":
-            return export_lora_without_base(args)
-        model, model_path = None, None
-        try:
-            model, hints = load_base_for_adapter(args.model, args.adapter, verb="export")
-            model_path = hints["model_path"]
-        except ValueError as e:
-            if args.model is not None or "pass --model" not in str(e):
-                raise
-        fan_in_fan_out = model.fan_in_fan_out if model is not None else recorded_fan_in_fan_out(args.adapter)
-        try:
-            adapter = load_adapter(args.adapter, model=model, fan_in_fan_out=fan_in_fan_out)
-        except ValueError as e:
-            if model is None and "params" in str(e):
-                raise ValueError(f"{e} (pass --model)") from None
+        model, hints = load_base_for_adapter(args.model, args.adapter, verb="export")
+        model_path = hints["model_path"]
+    except ValueError as e:
+        if args.model is not None or "pass --model" not in str(e):
             raise
-        if args.format == "peft":
-            written = save_peft(
-                adapter, args.output, model=model, fan_in_fan_out=fan_in_fan_out, overwrite=args.overwrite
+    fan_in_fan_out = model.fan_in_fan_out if model is not None else recorded_fan_in_fan_out(args.adapter)
+    try:
+        adapter = load_adapter(args.adapter, model=model, fan_in_fan_out=fan_in_fan_out)
+    except ValueError as e:
+        if model is None and "params" in str(e):
+            raise ValueError(f"{e} (pass --model)") from None
+        raise
+    if args.format == "peft":
+        written = save_peft(
+            adapter, args.output, model=model, fan_in_fan_out=fan_in_fan_out, overwrite=args.overwrite
+        )
+    else:
+        if any(isinstance(d, LowRankDelta) for d in adapter.deltas.values()):
+            raise ValueError(f"{args.adapter}: {LORA_NOT_SPARSE}")
+        # The authors' loaders open sparta_pretrained_model with transformers' from_pretrained:
+        # record the absolute local path of the base we loaded, not an asset name.
+        written = save_adapter(
+            adapter,
+            args.output,
+            format="sparta",
+            model=model,
+            fan_in_fan_out=fan_in_fan_out,
+            base_model_name_or_path=model_path,
+            overwrite=args.overwrite,
+        )
+        if model_path is not None and model_path.endswith(".gguf"):
+            print(
+                "jaxsparse export: note: the base model is a .gguf file, which the SpaRTA authors' loaders "
+                "cannot open (transformers needs gguf_file=, which they do not pass); to use their package, "
+                "save the base as a Hugging Face directory and export again with --model DIR "
+                "(see docs/interop.md)",
+                file=sys.stderr,
             )
-        else:
-            if any(isinstance(d, LowRankDelta) for d in adapter.deltas.values()):
-                raise ValueError(
-                    f"{args.adapter}: a LoRA adapter is not sparse, and the SpaRTA layout holds index/value deltas "
-                    "only; export it with --format peft (or merge it into the model with `jaxsparse merge`)"
-                )
-            # The authors' loaders open sparta_pretrained_model with transformers' from_pretrained:
-            # record the absolute local path of the base we loaded, not an asset name.
-            written = save_adapter(
-                adapter,
-                args.output,
-                format="sparta",
-                model=model,
-                fan_in_fan_out=fan_in_fan_out,
-                base_model_name_or_path=model_path,
-                overwrite=args.overwrite,
+        if model is None:
+            print(
+                "jaxsparse export: note: without --model, config.json holds no base model config and no empty "
+                "entries for untouched parameters, which the SpaRTA authors' loaders expect",
+                file=sys.stderr,
             )
-            if model_path is not None and model_path.endswith(".gguf"):
-                print(
-                    "jaxsparse export: note: the base model is a .gguf file, which the SpaRTA authors' loaders "
-                    "cannot open (transformers needs gguf_file=, which they do not pass); to use their package, "
-                    "save the base as a Hugging Face directory and export again with --model DIR "
-                    "(see docs/interop.md)",
-                    file=sys.stderr,
-                )
-            if model is None:
-                print(
-                    "jaxsparse export: note: without --model, config.json holds no base model config and no empty "
-                    "entries for untouched parameters, which the SpaRTA authors' loaders expect",
-                    file=sys.stderr,
-                )
-    except ERRORS as e:
-        return fail("export", e)
     print(f"exported {describe(adapter)} as {written} -> {args.output}")
     return 0
 
@@ -197,10 +198,7 @@ def export_lora_without_base(args: argparse.Namespace) -> int:
 
     adapter = load_adapter(args.adapter, params=lora_params_from_file(args.adapter))
     if args.format == "sparta":
-        raise ValueError(
-            f"{args.adapter}: a LoRA adapter is not sparse, and the SpaRTA layout holds index/value deltas "
-            "only; export it with --format peft (or merge it into the model with `jaxsparse merge`)"
-        )
+        raise ValueError(f"{args.adapter}: {LORA_NOT_SPARSE}")
     raw = read_json(os.path.join(args.adapter, CONFIG_NAME))
     base_class = (raw.get("auto_mapping") or {}).get("base_model_class")
     save_peft_lora(adapter, args.output, base_model_class=base_class, overwrite=args.overwrite)

@@ -239,10 +239,12 @@ def _to_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):  # torch.Tensor, without importing torch
         import torch
 
+        # A copy: ``Tensor.numpy()`` shares the tensor's memory and JAX may keep a CPU array without
+        # copying it, so a later in-place torch update (an optimizer step) would change our params.
         x = x.detach().cpu()
         if x.dtype == torch.bfloat16:
-            return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return x.numpy()
+            return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+        return x.numpy().copy()
     return np.asarray(x)
 
 

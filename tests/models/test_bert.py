@@ -339,7 +339,7 @@ def test_tied_decoder_stays_tied_through_a_training_step_and_saving(
             model.apply_fn(params, jnp.asarray(inputs), jnp.asarray(attention)), jnp.asarray(labels)
         )
 
-    value, grads = jax.value_and_grad(loss)(model.params)
+    value, grads = jax.jit(jax.value_and_grad(loss))(model.params)
     assert abs(float(value) - out.loss.item()) <= 1e-5
     g = leaf_paths(grads)
     emb = tm.bert.embeddings.word_embeddings.weight.grad.numpy()

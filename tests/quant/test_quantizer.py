@@ -108,7 +108,9 @@ def test_real_smollm2_block0_gptq_beats_rtn(smollm2_gguf):
             captured[p] = (block.kernels[p], block.stats[p].hessian())
         return {}
 
-    calibration.sequential_capture(model, ids, None, update=update, statistics=("xtx",), max_blocks=1, progress=False)
+    calibration.sequential_capture(
+        model, ids, None, update=update, statistics=("xtx",), max_blocks=1, progress=False
+    )
     for p, (kernel, h) in captured.items():
         k, h = np.asarray(kernel, np.float64), np.asarray(h, np.float64)
 
