@@ -192,6 +192,9 @@ def main() -> None:
             f"{name}: perplexity {ppl:.3f} (block linears {report.overall.sparsity:.1%} zero; built in {build_s:.0f} s)",
             flush=True,
         )
+        # re-read before writing: another run (e.g. the quantization rows) may have added rows meanwhile
+        latest = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else {}
+        rows = {**latest, name: rows[name]}
         common.write_json(RESULTS, {"machine": common.machine(), "rows": rows})
 
     print("\n| model | block-linear sparsity | held-out perplexity |\n|---|---:|---:|")

@@ -158,6 +158,13 @@ def save_adapter(
         from jaxsparse.convert.peft_lora import save_peft_lora
 
         architectures = getattr(getattr(model, "config", None), "architectures", None) or [None]
+        base_class = architectures[0]
+        if getattr(model, "task", None) is not None:
+            # The class of the model the adapter was made on, e.g. BertForMaskedLM for a masked_lm run
+            # on a BertModel checkpoint: PEFT records it (auto_mapping) for adapters without a task_type.
+            from jaxsparse.models.base import architecture
+
+            base_class = architecture(model.model_type).hf_class_name(model.config, model.task)
         lora_config = adapter.config
         if (
             base_model_name_or_path
@@ -173,7 +180,7 @@ def save_adapter(
             adapter,
             out_dir,
             fan_in_fan_out=fan_in_fan_out,
-            base_model_class=architectures[0],
+            base_model_class=base_class,
             overwrite=overwrite,
         )
     return format

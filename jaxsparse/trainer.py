@@ -34,10 +34,12 @@ Example (tiny run; ``jaxsparse train`` does the same with the embedded default):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -60,6 +62,7 @@ from jaxsparse import config as config_lib
 from jaxsparse import data as data_lib
 from jaxsparse import delta as delta_lib
 from jaxsparse import metrics as metrics_lib
+from jaxsparse import mlm as mlm_lib
 from jaxsparse import sharding as sharding_lib
 from jaxsparse import train as train_lib
 from jaxsparse import tree as tree_lib
@@ -79,6 +82,47 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.checkpoint_dir = checkpoint_dir
 
 
+class TrainingDiverged(FloatingPointError):
+    """A non-finite loss or gradient (or, with ``train.loss_spike_factor``, a loss spike) stopped the
+    run at ``step``; every checkpoint written before it is kept (``last_checkpoint``, or ``None``)."""
+
+    def __init__(self, message: str, step: int, last_checkpoint: int | None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.last_checkpoint = last_checkpoint
+
+
+# The held-out loss rising past this multiple of its value before training marks a run that
+# diverged without a non-finite value (e.g. learning_rate=1e8: losses of 1e9, finite).
+DIVERGED_FACTOR = 10.0
+# How many of the latest step losses the loss-spike guard takes its running median over.
+SPIKE_WINDOW = 50
+
+
+@dataclasses.dataclass
+class Progress:
+    """What a run carries from one segment to the next in its checkpoints' metadata: the train time
+    and number of segments so far, the losses of the open log window (so a resumed run logs the
+    same means), the spike guard's recent losses and the count of skipped (non-finite) steps."""
+
+    train_seconds: float = 0.0
+    segments: int = 0
+    window_losses: list[float] = dataclasses.field(default_factory=list)
+    recent_losses: list[float] = dataclasses.field(default_factory=list)
+    skipped_steps: int = 0
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any]) -> Progress:
+        # Checkpoints of earlier versions carry none of these: one earlier segment of unknown time.
+        return cls(
+            train_seconds=float(extra.get("train_seconds", 0.0)),
+            segments=int(extra.get("segments", 1)),
+            window_losses=[float(x) for x in extra.get("window_losses", [])],
+            recent_losses=[float(x) for x in extra.get("recent_losses", [])],
+            skipped_steps=int(extra.get("skipped_steps", 0)),
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class RunResult:
     """What a finished run produced."""
@@ -93,6 +137,9 @@ class RunResult:
     num_trainable: int
     seconds: float
     adapter: Any = dataclasses.field(repr=False, default=None)
+    segments: int = 1  # 1 + the number of times the run was resumed
+    skipped_steps: int = 0  # steps train.on_nonfinite=skip skipped
+    warnings: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +152,8 @@ class Prepared:
     eval: dict[str, np.ndarray]
     label_names: tuple[str, ...]
     tokenizer: Any
+    # task masked_lm: how training batches are masked (the held-out split is masked once, in ``eval``).
+    masking: mlm_lib.MaskingConfig | None = None
 
 
 # ----------------------------------------------------------------------------- building
@@ -138,7 +187,77 @@ def load_model(cfg: Config, label_names: tuple[str, ...]) -> Any:
         kwargs["id2label"] = dict(enumerate(label_names))
     if cfg.model.dtype != "float32":
         kwargs["dtype"] = getattr(jnp, cfg.model.dtype)
+    if cfg.task == "masked_lm":
+        # A decoder-only model (or a GGUF file) has no masked-LM head: say so in terms of the config.
+        try:
+            return models.from_pretrained(path, **kwargs)
+        except ValueError as e:
+            if "masked_lm" not in str(e):
+                raise
+            raise ConfigError(
+                f"'task' = 'masked_lm' needs an encoder with an MLM head (bert, distilbert); "
+                f"'model.path' = {cfg.model.path!r}: {e}"
+            ) from None
+    if cfg.task == "seq_cls":
+        saved = checkpoint_num_labels(path)
+        if saved is not None and saved != len(label_names):
+            return _load_with_fresh_head(cfg, path, kwargs, saved, label_names)
     return models.from_pretrained(path, **kwargs)
+
+
+def checkpoint_num_labels(path: str) -> int | None:
+    """The number of labels of the classifier head a Hugging Face directory holds (``None``: not a
+    sequence classifier, or not a directory), read from its ``config.json``."""
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        return None
+    raw = json.loads(config_path.read_text(encoding="utf-8"))
+    if not any(str(a).endswith("ForSequenceClassification") for a in raw.get("architectures") or ()):
+        return None
+    if raw.get("id2label"):
+        return len(raw["id2label"])
+    return int(raw.get("num_labels", 2))  # transformers' default
+
+
+def _load_with_fresh_head(
+    cfg: Config, path: str, kwargs: dict[str, Any], saved: int, label_names: tuple[str, ...]
+) -> Any:
+    """A classifier checkpoint with ``saved`` labels for data with another number: its body with a
+    fresh head (as transformers' ``ignore_mismatched_sizes``), or, with ``model.reset_head: false``,
+    a :class:`ConfigError`."""
+    import transformers
+
+    from jaxsparse import models
+    from jaxsparse.models import hub
+
+    wanted = len(label_names)
+    if not cfg.model.reset_head:
+        raise ConfigError(
+            f"'model.path' = {cfg.model.path!r} is a classifier with {saved} labels, but the data has "
+            f"{wanted} ({list(label_names)}) and 'model.reset_head' is false; set model.reset_head=true "
+            "to train a fresh head, or use data with the model's labels"
+        )
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    hub.set_labels(config, wanted, dict(enumerate(label_names)))
+    prefix = models.architecture(config.model_type).base_model_prefix + "."
+    state = hub.read_checkpoint(path)
+    # The head's output layer: outside the base model, its first axis the old label count.
+    head = {
+        k: tuple(np.shape(v))
+        for k, v in state.items()
+        if not k.startswith(prefix) and np.ndim(v) >= 1 and np.shape(v)[0] == saved
+    }
+    print(
+        f"notice: {path} is a classifier with {saved} labels; the data has {wanted}: a fresh head "
+        f"replaces {', '.join(f'{k} {list(s)}' for k, s in sorted(head.items()))} "
+        "(set model.reset_head=false to refuse instead)",
+        file=sys.stderr,
+        flush=True,
+    )
+    body = {k: v for k, v in state.items() if k not in head}
+    return hub.from_state_dict(
+        config, body, task="seq_cls", dtype=kwargs.get("dtype", jnp.float32), source=str(path)
+    )
 
 
 def method_config(cfg: Config) -> Any:
@@ -151,7 +270,8 @@ def method_config(cfg: Config) -> Any:
         "target_modules": a.target_modules,
         "exclude_modules": a.exclude_modules,
         "modules_to_save": a.modules_to_save if cfg.task == "seq_cls" else None,
-        "task_type": "SEQ_CLS" if cfg.task == "seq_cls" else "CAUSAL_LM",
+        # PEFT has no task type for masked LM: its adapters record none (the base class instead).
+        "task_type": {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}.get(cfg.task),
         "base_model_name_or_path": cfg.model.path,
     }
     return registry.get(cfg.method).config_from(config_lib.flatten(cfg), **common)
@@ -203,6 +323,7 @@ def prepare(cfg: Config, *, model: Any = None, tokenizer: Any = None) -> Prepare
         eval_ds = eval_ds.select(range(min(d.max_eval_examples, len(eval_ds))))
     if tokenizer is None:
         tokenizer = load_tokenizer(config_lib.resolve_model_path(cfg.model.path))
+    masking = None
     if cfg.task == "seq_cls":
         if len(text.label_names) < 2:
             raise ConfigError(
@@ -210,6 +331,19 @@ def prepare(cfg: Config, *, model: Any = None, tokenizer: Any = None) -> Prepare
             )
         train = data_lib.tokenize_classification(train_ds, tokenizer, d.max_length)
         ev = data_lib.tokenize_classification(eval_ds, tokenizer, d.max_length)
+    elif cfg.task == "masked_lm":
+        try:
+            masking = mlm_lib.masking_config(tokenizer, mlm_probability=d.mlm_probability)
+        except ValueError as e:
+            raise ConfigError(f"'task' = 'masked_lm' with 'model.path' = {cfg.model.path!r}: {e}") from None
+        # run_mlm.py's blocks: texts with their [CLS]/[SEP], concatenated, cut into max_length tokens.
+        train = mlm_lib.group_texts(train_ds["text"], tokenizer, d.max_length)
+        ev = mlm_lib.group_texts(eval_ds["text"], tokenizer, d.max_length)
+        if d.max_eval_examples is not None:
+            ev = {k: v[: d.max_eval_examples] for k, v in ev.items()}
+        # One fixed masking of the held-out blocks (keyed by the split's seed, not the run's), so
+        # before/after and runs with other seeds are scored on the same masked tokens.
+        ev = mlm_lib.mask_arrays(ev, masking, seed=d.split_seed)
     else:
         if tokenizer.eos_token_id is None and tokenizer.pad_token_id is None:
             raise ConfigError("'model.path': the tokenizer has no EOS token to separate documents")
@@ -220,25 +354,27 @@ def prepare(cfg: Config, *, model: Any = None, tokenizer: Any = None) -> Prepare
     if model is None:
         model = load_model(cfg, text.label_names)
     adapter = build_adapter(cfg, model.params)
-    return Prepared(model, adapter, train, ev, text.label_names, tokenizer)
+    return Prepared(model, adapter, train, ev, text.label_names, tokenizer, masking)
 
 
 def make_optimizer(t: config_lib.TrainConfig) -> optax.GradientTransformation:
     """AdamW/Adam/SGD with warmup + constant/linear/cosine decay, optional clipping, and a separate
     learning rate for dense leaves (the head) when ``head_learning_rate`` is set."""
 
+    warmup = config_lib.warmup_steps(t)
+
     def schedule(peak: float) -> optax.Schedule:
-        decay_steps = max(t.steps - t.warmup_steps, 1)
+        decay_steps = max(t.steps - warmup, 1)
         if t.schedule == "constant":
             decay = optax.constant_schedule(peak)
         elif t.schedule == "linear":
             decay = optax.linear_schedule(peak, 0.0, decay_steps)
         else:
             decay = optax.cosine_decay_schedule(peak, decay_steps)
-        if t.warmup_steps == 0:
+        if warmup == 0:
             return decay
-        warm = optax.linear_schedule(0.0, peak, t.warmup_steps)
-        return optax.join_schedules([warm, decay], [t.warmup_steps])
+        warm = optax.linear_schedule(0.0, peak, warmup)
+        return optax.join_schedules([warm, decay], [warmup])
 
     def base(peak: float) -> optax.GradientTransformation:
         lr = schedule(peak)
@@ -260,6 +396,11 @@ def make_optimizer(t: config_lib.TrainConfig) -> optax.GradientTransformation:
         )
     if t.max_grad_norm is not None:
         opt = optax.chain(optax.clip_by_global_norm(t.max_grad_norm), opt)
+    if t.on_nonfinite == "skip":
+        # Outermost, so it sees the raw gradient: a non-finite one leaves parameters and optimizer
+        # state as they were. Its counters (notfinite_count, total_notfinite) are read by run_steps,
+        # which stops before the (max_consecutive_skips + 1)-th, the one apply_if_finite would let through.
+        opt = optax.apply_if_finite(opt, max_consecutive_errors=t.max_consecutive_skips)
     return opt
 
 
@@ -314,11 +455,14 @@ def check_dropout(cfg: Config, model: Any) -> None:
 
 
 def train_loss_fn(task: str) -> Callable[[jax.Array, dict[str, jax.Array]], jax.Array]:
-    """Mean cross-entropy (``seq_cls``) or mean next-token NLL (``causal_lm``) of a batch."""
+    """Mean cross-entropy (``seq_cls``), mean next-token NLL (``causal_lm``) or mean masked-token
+    cross-entropy (``masked_lm``: the batch carries ``labels``, -100 where nothing was masked)."""
 
     def loss_fn(logits: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
         if task == "seq_cls":
             return classification_loss(logits, batch["labels"])
+        if task == "masked_lm":
+            return mlm_lib.masked_lm_loss(logits, batch["labels"])
         total, count = causal_lm_nll(logits, batch["input_ids"], batch["attention_mask"])
         return total / jnp.maximum(count, 1.0)
 
@@ -334,6 +478,9 @@ def eval_loss_fn(task: str) -> Callable[[jax.Array, dict[str, jax.Array]], tuple
                 logits.astype(jnp.float32), batch["labels"]
             )
             return (losses * batch["weight"]).sum(), {"predictions": jnp.argmax(logits, axis=-1)}
+        if task == "masked_lm":
+            sums = mlm_lib.masked_lm_sums(logits, batch["labels"], batch["weight"])
+            return sums["nll"], {"tokens": sums["count"], "correct": sums["correct"]}
         mask = batch["attention_mask"] * batch["weight"][:, None].astype(batch["attention_mask"].dtype)
         total, count = causal_lm_nll(logits, batch["input_ids"], mask)
         return total, {"tokens": count}
@@ -370,7 +517,8 @@ def evaluate(
     batch_size: int,
     num_labels: int = 0,
 ) -> dict[str, float]:
-    """Loss and accuracy/macro-F1 (``seq_cls``) or perplexity (``causal_lm``) over ``arrays``."""
+    """Loss and accuracy/macro-F1 (``seq_cls``), perplexity (``causal_lm``) or masked-token
+    accuracy and perplexity (``masked_lm``, on the masking ``arrays`` carry) over ``arrays``."""
     n = data_lib.num_examples(arrays)
     batch_size = min(batch_size, n)
     if task == "seq_cls":
@@ -386,6 +534,13 @@ def evaluate(
             "accuracy": metrics_lib.accuracy(labels, predictions),
             "macro_f1": metrics_lib.macro_f1(labels, predictions, num_labels or None),
         }
+    if task == "masked_lm":
+        sums = []
+        for batch in data_lib.eval_batches(arrays, batch_size):
+            out = eval_step(adapter, base_params, batch)
+            sums.append({"nll": out["loss"], "correct": out["correct"], "count": out["tokens"]})
+        m = mlm_lib.masked_lm_metrics(sums)
+        return {"loss": m["loss"], "accuracy": m["accuracy"], "perplexity": m["perplexity"]}
     nll, tokens = 0.0, 0.0
     for batch in data_lib.eval_batches(arrays, batch_size):
         out = eval_step(adapter, base_params, batch)
@@ -395,7 +550,7 @@ def evaluate(
 
 def evaluate_adapter(cfg: Config, adapter_dir: str | os.PathLike) -> dict[str, Any]:
     """Held-out metrics of the adapter (or full fine-tuned model) in ``adapter_dir`` on ``cfg``'s
-    data; for causal LM also the base model's perplexity (``perplexity_before``)."""
+    data; for causal and masked LM also the base model's perplexity (``perplexity_before``)."""
     from jaxsparse import inference, models
     from jaxsparse.adapter_io import load_adapter
 
@@ -423,7 +578,7 @@ def evaluate_adapter(cfg: Config, adapter_dir: str | os.PathLike) -> dict[str, A
         num_labels=len(prepared.label_names),
     )
     metrics: dict[str, Any] = {"examples": data_lib.num_examples(prepared.eval), **run(adapter)}
-    if cfg.task == "causal_lm":
+    if cfg.task in ("causal_lm", "masked_lm"):
         before = run(delta_lib.Adapter(deltas={}))
         metrics["perplexity_before"] = before["perplexity"]
     return metrics
@@ -481,17 +636,28 @@ class MetricsLog:
 
     ``enabled=False`` (every process of a multi-host run but the first) writes nothing."""
 
-    def __init__(self, path: Path, resume_step: int | None, *, enabled: bool = True) -> None:
+    def __init__(
+        self, path: Path, resume_step: int | None, *, enabled: bool = True, final_step: int | None = None
+    ) -> None:
         self.path = path
         self.enabled = enabled
         if not enabled:
             return
         if resume_step is not None and path.exists():
-            kept = [
-                line
-                for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= resume_step
-            ]
+            # Each step once: what the interrupted segment logged after its checkpoint is logged
+            # again by this one (and, resuming a run that had reached its last step, the final
+            # evaluation too), so it is dropped here rather than duplicated.
+            kept = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a kill mid-write
+                final_eval = rec.get("split") == "eval" and rec.get("step") == final_step
+                if rec.get("step", 0) < resume_step or (rec.get("step") == resume_step and not final_eval):
+                    kept.append(line)
             tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
             tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             os.replace(tmp, path)
@@ -545,7 +711,62 @@ RESUME_FREE_KEYS = frozenset(
 )
 
 
-def _check_resume_config(cfg: Config, saved_path: Path) -> None:
+def config_record(cfg: Config) -> dict[str, Any]:
+    """The keys of ``cfg`` that decide a run's result (all but :data:`RESUME_FREE_KEYS`), as JSON
+    values: what a checkpoint records of the config it was written under."""
+    return {
+        k: v
+        for k, v in sorted(config_lib.flatten(cfg).items())
+        if k not in RESUME_FREE_KEYS | {"train.steps"}
+    }
+
+
+def config_hash(record: dict[str, Any]) -> str:
+    """A short stable hash of a :func:`config_record`.
+
+    Example:
+        >>> config_hash(config_record(Config())) == config_hash(config_record(Config(output="elsewhere")))
+        True
+    """
+    text = json.dumps(record, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _differing(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    return sorted(
+        k for k in set(saved) | set(now) if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k)
+    )
+
+
+def _refuse_or_note(differ: list[str], where: str, force: bool, log: Callable[[str], None] | None) -> None:
+    if not differ:
+        return
+    if force:
+        if log is not None:
+            log(f"--resume --force: continuing although the config differs from {where} at {differ}")
+        return
+    raise ConfigError(
+        f"--resume: the config differs from the one in {where} at {differ}; resume with the same config, "
+        "pass --force to continue with this one, or train into a new --output"
+    )
+
+
+def _check_checkpoint_config(
+    cfg: Config, extra: dict[str, Any], where: str, force: bool, log: Callable[[str], None]
+) -> None:
+    """The restored checkpoint was written under this config (its recorded hash and keys), unless
+    ``force``. Checkpoints from before the record carry none: nothing to compare."""
+    saved = extra.get("config")
+    if not isinstance(saved, dict) or extra.get("config_hash") == config_hash(config_record(cfg)):
+        return
+    # Through JSON, as the saved record went: tuples are lists, keys are strings.
+    now = json.loads(json.dumps(config_record(cfg), default=str))
+    _refuse_or_note(_differing(saved, now), where, force, log)
+
+
+def _check_resume_config(
+    cfg: Config, saved_path: Path, *, force: bool = False, log: Callable[[str], None] | None = None
+) -> None:
     import yaml
 
     raw = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
@@ -556,13 +777,19 @@ def _check_resume_config(cfg: Config, saved_path: Path) -> None:
         raise ConfigError(f"--resume: {saved_path} is not a valid saved config: {e}") from None
     now = config_lib.flatten(cfg)
     differ = sorted(k for k in now if k not in RESUME_FREE_KEYS and saved.get(k) != now[k])
-    if differ:
-        raise ConfigError(
-            f"--resume: the config differs from the one in {saved_path} at {differ}; "
-            "resume with the same config or train into a new --output"
-        )
-    if saved["train.steps"] != now["train.steps"] and saved["train.schedule"] != "constant":
-        raise ConfigError("--resume: 'train.steps' changed, which changes the learning-rate schedule")
+    if saved["train.steps"] != now["train.steps"] and not _schedule_ignores_steps(saved, now):
+        differ = sorted({*differ, "train.steps"})
+    _refuse_or_note(differ, str(saved_path), force, log)
+
+
+def _schedule_ignores_steps(saved: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether changing ``train.steps`` leaves every step's learning rate as it was: a constant
+    schedule with a warm-up of a fixed length (a run may then be extended)."""
+    return (
+        saved["train.schedule"] == now["train.schedule"] == "constant"
+        and saved.get("train.warmup_steps") is not None
+        and saved.get("train.warmup_steps") == now["train.warmup_steps"]
+    )
 
 
 # ----------------------------------------------------------------------------- the output directory
@@ -621,6 +848,11 @@ def check_output(path: str | os.PathLike, *, resume: bool = False, overwrite: bo
                 "apply only to a previous run); nothing was changed. Choose a new or empty --output"
             )
         if resume:
+            if not _has_checkpoint(path / "checkpoints"):
+                raise ConfigError(
+                    f"--resume: the run in {str(path)!r} has no checkpoint to resume from (it stopped before "
+                    f"its first one, train.checkpoint_every); start it again with --overwrite"
+                )
             mode = "resume"
         elif overwrite:
             foreign = [
@@ -638,10 +870,21 @@ def check_output(path: str | os.PathLike, *, resume: bool = False, overwrite: bo
                 f"output directory {str(path)!r} is not empty: it holds a previous jaxsparse train run; pass "
                 "--resume to continue it, --overwrite to replace it, or choose another --output"
             )
+    elif resume:
+        raise ConfigError(
+            f"--resume: no checkpoint to resume from in {str(path)!r} ("
+            + ("it is empty" if path.is_dir() else "it does not exist")
+            + "); drop --resume to start a new run there, or give the --output of the run to continue"
+        )
     writable = path if path.is_dir() else _nearest_existing(path.parent)
     if not os.access(writable, os.W_OK | os.X_OK):
         raise ConfigError(f"cannot write the output {str(path)!r}: {str(writable)!r} is not writable")
     return mode
+
+
+def _has_checkpoint(directory: Path) -> bool:
+    """Whether ``directory`` holds an orbax step directory (a complete save is named by its step)."""
+    return directory.is_dir() and any(n.isdigit() for n in os.listdir(directory))
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -722,6 +965,22 @@ class Run:
     primary: bool
     log: Callable[[str], None]
     previous: Path | None = None  # the run --overwrite replaces, until this one has finished
+    progress: Progress = dataclasses.field(default_factory=Progress)  # from the earlier segments
+    started: float = dataclasses.field(default_factory=time.time)  # when this segment started
+
+    def checkpoint_extra(self, window: list[float], recent: Any) -> dict[str, Any]:
+        """The metadata every checkpoint carries: the config it was written under (its hash and
+        the keys that decide the result), and the :class:`Progress` up to it."""
+        record = config_record(self.cfg)
+        return {
+            "config_hash": config_hash(record),
+            "config": record,
+            "train_seconds": self.progress.train_seconds + (time.time() - self.started),
+            "segments": self.progress.segments + 1,
+            "window_losses": list(window),
+            "recent_losses": list(recent),
+            "skipped_steps": self.progress.skipped_steps,
+        }
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -755,14 +1014,16 @@ def setup_run(
     model: Any = None,
     tokenizer: Any = None,
     log: Callable[[str], None],
+    force: bool = False,
 ) -> Run:
     """Everything before the first step: data, model and adapter; the mesh and where arrays live;
-    the output directory; the state (restored from the latest checkpoint on ``"resume"``); the
-    jitted steps; and the evaluation before training."""
+    the output directory; the state (restored on ``"resume"`` from the newest checkpoint that reads
+    back whole, written under the same config unless ``force``); the jitted steps; and the
+    evaluation before training."""
     out = Path(cfg.output)
     config_path = out / "config.yaml"
     if mode == "resume" and config_path.is_file():
-        _check_resume_config(cfg, config_path)
+        _check_resume_config(cfg, config_path, force=force, log=log)
     mesh = make_mesh(cfg)
     primary = jax.process_index() == 0
 
@@ -799,18 +1060,27 @@ def setup_run(
         ckpt_dir = out / "checkpoints"
         ckpt = Checkpointer(ckpt_dir, save_every=t.checkpoint_every, keep=t.keep_checkpoints)
         start_step = 0
-        if mode == "resume" and ckpt.latest_step() is not None:
+        progress = Progress()
+        if mode == "resume":
             # Restored into the template's shardings: a run may resume on another device count.
-            restored = ckpt.restore(state)
+            # A newer checkpoint that does not read back whole is named and left on disk.
+            restored, skipped = ckpt.restore_newest_readable(state)
+            for bad, why in skipped:
+                log(
+                    f"--resume: skipped checkpoint step {bad} in {ckpt_dir}: it does not read back whole "
+                    f"({why}); left on disk"
+                )
+            _check_checkpoint_config(cfg, restored.extra, f"{ckpt_dir} step {restored.step}", force, log)
             state, start_step = restored.state, restored.step
+            progress = Progress.from_extra(restored.extra)
             log(f"resumed from step {start_step} ({ckpt_dir})")
-        elif mode == "resume":
-            log(f"--resume: no checkpoint in {ckpt_dir}; starting from step 0")
         if primary:
             config_lib.save_config(cfg, config_path)
         # A resumed run keeps the records up to its checkpoint; a fresh start (or a resume that found no
         # checkpoint) starts the file anew.
-        metrics_log = MetricsLog(out / "metrics.jsonl", start_step or None, enabled=primary)
+        metrics_log = MetricsLog(
+            out / "metrics.jsonl", start_step or None, enabled=primary, final_step=t.steps
+        )
 
         train_step, evaluate_fn = make_steps(cfg, prepared, optimizer, base_params, mesh, state_shardings)
         if start_step == 0:
@@ -839,6 +1109,7 @@ def setup_run(
         primary=primary,
         log=log,
         previous=previous,
+        progress=progress,
     )
 
 
@@ -904,44 +1175,134 @@ def place_on_mesh(
 
 def run_steps(run: Run, on_step: Callable[[int, float], None] | None = None) -> train_lib.TrainState:
     """The step loop from ``run.start_step`` to ``train.steps``: log, evaluate and checkpoint on
-    their schedules; a SIGINT/SIGTERM checkpoints the step and raises :class:`TrainingInterrupted`."""
+    their schedules; a SIGINT/SIGTERM (or, on a multi-process run, orbax's preemption sync point)
+    checkpoints the step and raises :class:`TrainingInterrupted`. A non-finite loss or gradient
+    raises :class:`TrainingDiverged` (``train.on_nonfinite: stop``) or is skipped by
+    ``optax.apply_if_finite`` (``skip``) until ``train.max_consecutive_skips`` in a row; so does a
+    loss above ``train.loss_spike_factor`` times the running median of the latest losses."""
     t = run.cfg.train
     state = run.state
     batches: Iterator[dict[str, np.ndarray]] = data_lib.train_batches(
         run.prepared.train, t.batch_size, seed=run.cfg.seed, start_step=run.start_step
     )
     bar = _progress(t, run.start_step)
-    running: list[float] = []
+    progress = run.progress
+    running: list[float] = list(progress.window_losses)
+    recent: collections.deque[float] = collections.deque(progress.recent_losses, maxlen=SPIKE_WINDOW)
     with run.checkpointer as ckpt, _StopSignals() as stop:
         for step in range(run.start_step + 1, t.steps + 1):
-            state, step_metrics = run.train_step(state, run.base_params, run.place_batch(next(batches)))
-            running.append(float(step_metrics["loss"]))
+            batch = next(batches)
+            if run.prepared.masking is not None:
+                # masked_lm: the masking is a function of (seed, batch index) like the batch itself,
+                # so a resumed run masks every batch exactly as an uninterrupted one.
+                batch = mlm_lib.mask_batch(batch, run.prepared.masking, seed=run.cfg.seed, step=step - 1)
+            state, step_metrics = run.train_step(state, run.base_params, run.place_batch(batch))
+            loss, grad_norm = float(step_metrics["loss"]), float(step_metrics["grad_norm"])
             if on_step is not None:
-                on_step(step, running[-1])
-            if not math.isfinite(running[-1]):
-                raise FloatingPointError(
-                    f"loss became {running[-1]} at step {step}; lower train.learning_rate"
-                )
+                on_step(step, loss)
+            problem = _step_problem(run, state, loss, grad_norm, recent)
+            if problem is not None:
+                if bar is not None:
+                    bar.close()
+                raise _diverged(run, step, problem, ckpt)
+            if math.isfinite(loss) and math.isfinite(grad_norm):
+                running.append(loss)
+                recent.append(loss)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{running[-1]:.4f}")
-            if step % t.log_every == 0 or step == t.steps:
-                run.metrics_log.write({"split": "train", "step": step, "loss": float(np.mean(running))})
+                bar.set_postfix(loss=f"{loss:.4f}")
+            if (step % t.log_every == 0 or step == t.steps) and running:
+                record: dict[str, Any] = {"split": "train", "step": step, "loss": float(np.mean(running))}
+                if t.on_nonfinite == "skip":
+                    record["skipped_steps"] = progress.skipped_steps
+                run.metrics_log.write(record)
                 running = []
             if step % t.eval_every == 0 and step != t.steps:
                 ev = run.evaluate(state.adapter)
                 run.metrics_log.write({"split": "eval", "step": step, **ev})
                 if bar is not None:
                     bar.write(f"step {step}: {_fmt(ev)}")
-            ckpt.save(state, batch_index=step, force=step == t.steps)
-            if stop.received is not None:
-                ckpt.save(state, batch_index=step, force=True)
+            extra = run.checkpoint_extra(running, recent)
+            ckpt.save(state, batch_index=step, force=step == t.steps, extra=extra)
+            # Every process of a multi-host run reaches the same preemption sync point at the same
+            # step (orbax's own check), so all of them save that step together.
+            if stop.received is not None or _reached_preemption_sync_point(step):
+                ckpt.save(state, batch_index=step, force=True, extra=extra)
                 if bar is not None:
                     bar.close()
                 raise TrainingInterrupted(step, str(run.checkpoint_dir))
     if bar is not None:
         bar.close()
     return state
+
+
+def _reached_preemption_sync_point(step: int) -> bool:
+    """Whether the cluster announced a preemption and ``step`` is the step every process stops at
+    (``jax.distributed``'s preemption service; one process, or the service off: never)."""
+    if jax.process_count() == 1:
+        return False
+    from jax.experimental import multihost_utils
+
+    try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+    except RuntimeError:  # the preemption sync manager is not running on this cluster
+        return False
+
+
+def _step_problem(
+    run: Run, state: train_lib.TrainState, loss: float, grad_norm: float, recent: Any
+) -> str | None:
+    """Why the run must stop after this step (``None``: it goes on); under ``on_nonfinite: skip``
+    also counts the step ``apply_if_finite`` skipped."""
+    t = run.cfg.train
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    what = f"loss became {loss:g} (gradient norm {grad_norm:g})"
+    if not finite and t.on_nonfinite == "skip":
+        guard = state.opt_state  # optax.ApplyIfFiniteState: the outermost transformation
+        skipped = int(guard.total_notfinite)
+        if skipped == run.progress.skipped_steps:
+            return what  # the gradient was finite, so the update went through: nothing was skipped
+        run.progress.skipped_steps = skipped
+        in_a_row = int(guard.notfinite_count)
+        if in_a_row >= t.max_consecutive_skips:
+            return f"{what}: {in_a_row} steps in a row skipped (train.max_consecutive_skips = {t.max_consecutive_skips})"
+        return None
+    if not finite:
+        return what
+    if t.loss_spike_factor is not None and recent:
+        median = float(np.median(recent))
+        if loss > t.loss_spike_factor * median:
+            return (
+                f"loss {loss:g} is {loss / median:.3g} times the running median {median:.4g} of the last "
+                f"{len(recent)} steps (train.loss_spike_factor = {t.loss_spike_factor:g})"
+            )
+    return None
+
+
+def _diverged(run: Run, step: int, problem: str, ckpt: Checkpointer) -> TrainingDiverged:
+    """The one-line report of a run stopped at ``step``: what happened, the last good checkpoint
+    (kept), and what to do."""
+    t = run.cfg.train
+    saved = [s for s in ckpt.all_steps() if s < step]
+    last = max(saved) if saved else None
+    where = (
+        f"the last good checkpoint is step {last} in {run.checkpoint_dir} (kept)"
+        if last is not None
+        else "no checkpoint was written before it"
+    )
+    fixes = [f"lower train.learning_rate (now {t.learning_rate:g})"]
+    if t.max_grad_norm is None:
+        fixes.append("set train.max_grad_norm")
+    if t.on_nonfinite == "stop" and "loss became" in problem:
+        fixes.append("set train.on_nonfinite=skip to skip such steps")
+    then = (
+        f"then continue from step {last} with --resume --force, or start again with --overwrite"
+        if last is not None
+        else "then start again with --overwrite"
+    )
+    return TrainingDiverged(
+        f"{problem} at step {step}; stopped: {where}. Fix: {', or '.join(fixes)}; {then}", step, last
+    )
 
 
 def finalize(run: Run, state: train_lib.TrainState, seconds: float) -> RunResult:
@@ -951,6 +1312,11 @@ def finalize(run: Run, state: train_lib.TrainState, seconds: float) -> RunResult
     trained = state.adapter if run.mesh is None else sharding_lib.gather(state.adapter, run.mesh)
     final = run.evaluate(trained)
     run.metrics_log.write({"split": "eval", "step": cfg.train.steps, **final})
+    total_seconds = run.progress.train_seconds + seconds
+    segments = run.progress.segments + 1
+    warnings = divergence_warnings(cfg, run.initial, final, run.progress.skipped_steps)
+    for warning in warnings:
+        run.log(f"warning: {warning}")
     metrics_path = out / "metrics.jsonl"
     plot_path = str(out / "metrics.png")
     adapter_dir = str(out / "adapter")
@@ -968,7 +1334,10 @@ def finalize(run: Run, state: train_lib.TrainState, seconds: float) -> RunResult
             "num_trainable": run.num_trainable,
             "method": cfg.method,
             "seed": cfg.seed,
-            "seconds": seconds,
+            "seconds": total_seconds,  # train time over every segment (up to each one's checkpoint)
+            "segments": segments,
+            "skipped_steps": run.progress.skipped_steps,
+            "warnings": list(warnings),
         }
         results_path = out / "results.json"
         tmp = results_path.with_name(f".{results_path.name}.tmp{os.getpid()}")
@@ -983,9 +1352,43 @@ def finalize(run: Run, state: train_lib.TrainState, seconds: float) -> RunResult
         final,
         cfg.train.steps,
         run.num_trainable,
-        seconds,
+        total_seconds,
         trained,
+        segments,
+        run.progress.skipped_steps,
+        tuple(warnings),
     )
+
+
+def divergence_warnings(
+    cfg: Config, initial: dict[str, float] | None, final: dict[str, float], skipped_steps: int = 0
+) -> list[str]:
+    """What a finished run's user must hear although nothing stopped it: a held-out loss that rose
+    past :data:`DIVERGED_FACTOR` times its value before training (or is not finite), and steps
+    skipped for a non-finite loss or gradient.
+
+    Example:
+        >>> divergence_warnings(Config(), {"loss": 0.69}, {"loss": 6e9})[0][:52]
+        'the held-out loss rose from 0.6900 before training t'
+    """
+    out = []
+    before, after = (initial or {}).get("loss"), final.get("loss")
+    if (
+        before is not None
+        and after is not None
+        and (not math.isfinite(after) or after > DIVERGED_FACTOR * max(before, 1e-12))
+    ):
+        out.append(
+            f"the held-out loss rose from {before:.4f} before training to {after:.4g}: training diverged "
+            f"and the adapter is worse than none; lower train.learning_rate (now "
+            f"{cfg.train.learning_rate:g}), or set train.loss_spike_factor (e.g. 10) to stop such a run"
+        )
+    if skipped_steps:
+        out.append(
+            f"{skipped_steps} of {cfg.train.steps} steps were skipped for a non-finite loss or gradient "
+            "(train.on_nonfinite = skip)"
+        )
+    return out
 
 
 def train(
@@ -997,6 +1400,7 @@ def train(
     tokenizer: Any = None,
     log: Callable[[str], None] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    force: bool = False,
 ) -> RunResult:
     """Run ``cfg`` end to end; see the module docstring for what lands in ``cfg.output``.
 
@@ -1004,16 +1408,20 @@ def train(
     touched); then :func:`setup_run`, :func:`run_steps`, :func:`finalize`. ``resume`` continues
     the run in ``cfg.output`` from its latest checkpoint, ``overwrite`` replaces it.
     ``model``/``tokenizer`` replace loading ``cfg.model.path``; ``on_step(step, loss)`` is called
-    after every step (before the stop-signal check, so it may itself send SIGINT).
+    after every step (before the stop-signal check, so it may itself send SIGINT). ``force`` lets
+    ``resume`` continue a run whose config differs (the differing keys are logged).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     start = time.time()
+    if force and not resume:
+        raise ConfigError("--force applies to --resume only (continue a run whose config differs)")
     mode = check_output(cfg.output, resume=resume, overwrite=overwrite)
-    run = setup_run(cfg, mode, model=model, tokenizer=tokenizer, log=log)
+    run = setup_run(cfg, mode, model=model, tokenizer=tokenizer, log=log, force=force)
+    run.started = start
     try:
         state = run_steps(run, on_step)
         result = finalize(run, state, time.time() - start)
-    except TrainingInterrupted:
+    except (TrainingInterrupted, TrainingDiverged):
         settle_previous(run.out, run.previous, restore=False)  # the new run is the one to --resume
         raise
     except BaseException:

@@ -3,7 +3,9 @@ bounds), determinism per (seed, step), and the masked-token metrics against tran
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -239,3 +241,226 @@ def test_sums_skip_weight_zero_rows_and_empty_batches_give_zero_loss():
     assert float(mlm.masked_lm_loss(logits, jnp.full((2, 3), -100))) == 0.0
     with pytest.raises(ValueError, match="no masked token"):
         mlm.masked_lm_metrics({"nll": 0.0, "correct": 0, "count": 0})
+
+
+@pytest.mark.parametrize("method", ["lora", "shira"])
+def test_peft_loads_a_masked_lm_adapter_and_gives_our_logits(tmp_path, method):
+    """A (trained-like: nonzero) LoRA / SHiRA adapter on DistilBERT's q_lin/v_lin of a tiny
+    DistilBertForMaskedLM, exported with task_type absent (PEFT has none for MLM), loads in PEFT
+    on transformers' DistilBertForMaskedLM and gives our logits."""
+    import jax
+    import peft
+
+    from jaxsparse import delta, models
+    from jaxsparse.adapter_io import save_adapter
+    from jaxsparse.methods import lora, shira
+
+    config = transformers.DistilBertConfig(
+        vocab_size=64, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=16
+    )
+    torch.manual_seed(0)
+    model = models.from_torch(transformers.DistilBertForMaskedLM(config))
+    models.save_pretrained(model, tmp_path / "base")
+    targets = ["q_lin", "v_lin"]
+    if method == "lora":
+        adapter = lora.init(
+            model.params, lora.LoraConfig(r=4, lora_alpha=8, target_modules=targets), jax.random.key(0)
+        )
+    else:
+        adapter = shira.init(model.params, shira.ShiraConfig(r=2, target_modules=targets), jax.random.key(0))
+    rng = np.random.default_rng(0)
+    leaves = delta.trainable(adapter)
+    leaves["deltas"] = {
+        p: {f: jnp.asarray(rng.normal(0, 0.2, np.shape(x)), jnp.float32) for f, x in fields.items()}
+        for p, fields in leaves["deltas"].items()
+    }
+    adapter = delta.with_trainable(adapter, leaves)
+    save_adapter(adapter, tmp_path / "adapter", model=model)
+    raw = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert raw["task_type"] is None
+
+    base = transformers.DistilBertForMaskedLM.from_pretrained(tmp_path / "base")
+    tm = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    ids = np.array([[5, 6, 7, 8, 9, 10], [11, 12, 13, 0, 0, 0]])
+    mask = (ids != 0).astype(np.int64)
+    with torch.no_grad():
+        ref = tm(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits.numpy()
+    ours = np.asarray(model.apply_fn(delta.apply(model.params, adapter), jnp.asarray(ids), jnp.asarray(mask)))
+    plain = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    keep = mask.astype(bool)
+    assert np.abs(ours[keep] - plain[keep]).max() > 1e-2  # the adapter matters
+    assert np.abs(ours[keep] - ref[keep]).max() <= 1e-5
+
+
+# ----------------------------------------------------------------------------- through the trainer
+
+SENTENCES = [
+    "the cat sat on the mat",
+    "a dog ran far away",
+    "the dog came back home",
+    "a cat and a dog ran",
+    "then the cat sat back",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_mlm_assets(tmp_path_factory):
+    """A tiny DistilBertForMaskedLM directory (with its BERT tokenizer) and a text file."""
+    root = tmp_path_factory.mktemp("mlm-assets")
+    from jaxsparse import models
+
+    vocab = [*SPECIAL, *WORDS]
+    config = transformers.DistilBertConfig(
+        vocab_size=len(vocab), dim=16, n_layers=1, n_heads=2, hidden_dim=32, max_position_embeddings=32
+    )
+    model_dir = root / "tiny-distilbert-mlm"
+    models.save_pretrained(models.init_params(config, task="masked_lm", seed=0), model_dir)
+    (model_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (model_dir / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 32})
+    )
+    rng = np.random.default_rng(0)
+    text = root / "sentences.txt"
+    text.write_text("\n".join(rng.choice(SENTENCES, 240)) + "\n")
+    return model_dir, text
+
+
+def _mlm_config(assets, output, *extra):
+    from jaxsparse import config as config_lib
+
+    model_dir, text = assets
+    return config_lib.load_config(
+        None,
+        [
+            "task=masked_lm",
+            "method=lora",
+            f"model.path={model_dir}",
+            "data.source=text",
+            f"data.path={text}",
+            "data.max_length=16",
+            "data.eval_size=0.2",
+            "adapter.target_modules=[q_lin,v_lin]",
+            "adapter.r=4",
+            "adapter.lora_alpha=8",
+            "train.steps=12",
+            "train.batch_size=8",
+            "train.eval_batch_size=16",
+            "train.learning_rate=0.1",
+            "train.warmup_steps=0",
+            "train.eval_every=6",
+            "train.log_every=2",
+            "train.checkpoint_every=4",
+            "train.progress=false",
+            f"output={output}",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def lora_mlm_run(tiny_mlm_assets, tmp_path_factory):
+    from jaxsparse import trainer
+
+    cfg = _mlm_config(tiny_mlm_assets, tmp_path_factory.mktemp("mlm-run") / "run")
+    return cfg, trainer.train(cfg, log=lambda msg: None)
+
+
+def test_trainer_masked_lm_lora_exports_what_peft_loads(tiny_mlm_assets, lora_mlm_run):
+    """A LoRA run with task masked_lm: held-out masked-token perplexity falls; the adapter has no
+    task_type and names DistilBertForMaskedLM; PEFT loads it on transformers' model with our logits."""
+    import peft
+
+    from jaxsparse import delta, models
+    from jaxsparse.adapter_io import load_adapter
+
+    _, result = lora_mlm_run
+    assert set(result.final) == {"loss", "accuracy", "perplexity"}
+    assert result.final["perplexity"] < result.initial["perplexity"]
+    raw = json.loads((Path(result.adapter_dir) / "adapter_config.json").read_text())
+    assert raw["task_type"] is None
+    assert raw["auto_mapping"]["base_model_class"] == "DistilBertForMaskedLM"
+
+    model_dir, _ = tiny_mlm_assets
+    model = models.from_pretrained(model_dir)
+    assert model.task == "masked_lm"
+    adapter = load_adapter(result.adapter_dir, model=model)
+    tm = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForMaskedLM.from_pretrained(model_dir), result.adapter_dir
+    ).eval()
+    ids = np.array([[2, 5, 6, 7, 4, 9, 3], [2, 10, 4, 12, 3, 0, 0]])
+    mask = (ids != 0).astype(np.int64)
+    with torch.no_grad():
+        ref = tm(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits.numpy()
+    ours = np.asarray(model.apply_fn(delta.apply(model.params, adapter), jnp.asarray(ids), jnp.asarray(mask)))
+    keep = mask.astype(bool)
+    assert np.abs(ours[keep] - ref[keep]).max() <= 1e-5
+
+
+def test_trainer_masked_lm_eval_matches_transformers_loss(tiny_mlm_assets, lora_mlm_run):
+    """Held-out metrics before training equal transformers' MLM loss of the base model on the same
+    fixed masking (one batch of all held-out blocks); `jaxsparse eval` reproduces the final metrics."""
+    from jaxsparse import trainer
+
+    cfg, result = lora_mlm_run
+    prepared = trainer.prepare(cfg)
+    ev = prepared.eval
+    assert (ev["labels"] != -100).any()
+    tm = transformers.AutoModelForMaskedLM.from_pretrained(tiny_mlm_assets[0]).eval()
+    with torch.no_grad():
+        out = tm(
+            input_ids=torch.as_tensor(ev["input_ids"], dtype=torch.long),
+            attention_mask=torch.as_tensor(ev["attention_mask"], dtype=torch.long),
+            labels=torch.as_tensor(ev["labels"], dtype=torch.long),
+        )
+    keep = ev["labels"] != -100
+    accuracy = (out.logits.numpy().argmax(-1)[keep] == ev["labels"][keep]).mean()
+    assert result.initial["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
+    assert result.initial["perplexity"] == pytest.approx(math.exp(out.loss.item()), rel=1e-5)
+    assert result.initial["accuracy"] == pytest.approx(accuracy)
+
+    metrics = trainer.evaluate_adapter(cfg, result.adapter_dir)
+    for key in ("loss", "accuracy", "perplexity"):
+        assert metrics[key] == pytest.approx(result.final[key], rel=1e-6)
+    assert metrics["perplexity_before"] == pytest.approx(result.initial["perplexity"], rel=1e-6)
+
+
+def test_trainer_masked_lm_resume_is_exact(tiny_mlm_assets, lora_mlm_run, tmp_path):
+    """Masking is a function of (seed, step): a run interrupted at step 6 and resumed ends with the
+    adapter of the uninterrupted run, bit for bit."""
+    import os
+    import signal
+
+    import jax
+
+    from jaxsparse import trainer
+
+    _, reference = lora_mlm_run
+    cfg = _mlm_config(tiny_mlm_assets, tmp_path / "run")
+
+    def interrupt(step, loss):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(trainer.TrainingInterrupted):
+        trainer.train(cfg, log=lambda msg: None, on_step=interrupt)
+    resumed = trainer.train(cfg, log=lambda msg: None, resume=True)
+    for a, b in zip(jax.tree.leaves(reference.adapter), jax.tree.leaves(resumed.adapter), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert resumed.final == reference.final
+
+
+def test_trainer_masked_lm_bad_input_is_a_config_error(tmp_path):
+    from jaxsparse import config as config_lib
+    from jaxsparse import models, trainer
+
+    with pytest.raises(config_lib.ConfigError, match=r"'data.mlm_probability' must be in \(0, 1\), got 1.5"):
+        config_lib.load_config(
+            None, ["task=masked_lm", "data.source=bbc_text", "data.mlm_probability=1.5"], check_paths=False
+        )
+    gpt2 = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+    models.save_pretrained(models.init_params(gpt2, task="causal_lm"), tmp_path / "gpt2")
+    cfg = config_lib.load_config(
+        None, ["task=masked_lm", f"model.path={tmp_path / 'gpt2'}", "data.source=bbc_text"], check_paths=False
+    )
+    with pytest.raises(config_lib.ConfigError, match="'task' = 'masked_lm' needs an encoder"):
+        trainer.load_model(cfg, ())

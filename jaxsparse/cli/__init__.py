@@ -31,6 +31,7 @@ VERB_MODULES = (
     "prune",
     "quantize",
     "check_sparsity",
+    "extract_sub_adapter",
 )
 
 

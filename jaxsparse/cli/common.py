@@ -119,6 +119,9 @@ def adapter_hints(adapter_dir: str) -> dict[str, Any]:
             hints["num_labels"] = int(heads[0].shape[0])
     elif task_type == "CAUSAL_LM":
         hints["task"] = "causal_lm"
+    elif task_type is None and base_class and base_class.endswith("ForMaskedLM"):
+        # PEFT has no MLM task type: a masked-LM adapter names its base class instead.
+        hints["task"] = "masked_lm"
     return hints
 
 

@@ -10,7 +10,8 @@ from jaxsparse.cli.train import add_config_args, load
 DESCRIPTION = """\
 Evaluate the adapter in --adapter DIR on the held-out split of the config's data (the same split
 training used). Classification prints loss, accuracy and macro-F1; causal-LM prints perplexity
-before (base model) and after (with the adapter).
+before (base model) and after (with the adapter); masked-LM (task masked_lm) prints masked-token
+loss, accuracy and perplexity on one fixed masking of the held-out split, and perplexity before.
 
 examples:
   jaxsparse eval --adapter runs/default/adapter

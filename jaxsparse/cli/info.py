@@ -128,8 +128,10 @@ def adapter_info(adapter_dir: str | os.PathLike) -> dict[str, Any]:
         layout = _layout_shapes(metadata, weights)
         base = cfg.get("base_model_name_or_path")
         base_shapes = _base_shapes(base) if not layout else {}
+        sqft_flags = cfg.get("sparse_adapter") or cfg.get("quantization_aware")
+        is_sqft = peft_type == "LORA" and (sqft_flags or (d / "elastic_adapter_config.json").is_file())
         info.update(
-            method=PEFT_METHODS[peft_type],
+            method="sqft" if is_sqft else PEFT_METHODS[peft_type],  # SQFT: PEFT LoRA + its flags
             format="peft",
             base_model=base,
             task_type=cfg.get("task_type"),

@@ -11,7 +11,11 @@ Train an adapter. With no --config, runs the embedded default: SHiRA on the real
 Writes config.yaml, metrics.jsonl, metrics.png, checkpoints/ and the final adapter/ to the output
 directory, which must be new or empty: a previous run there is continued with --resume or
 replaced with --overwrite, and anything else in it is never touched. Ctrl-C checkpoints and
-stops; --resume continues from the latest checkpoint (also on another number of devices).
+stops; --resume continues from the newest checkpoint that reads back whole (also on another
+number of devices; a changed config is refused unless --force). A non-finite loss or gradient
+stops the run at that step with exit status 3, keeping every earlier checkpoint
+(train.on_nonfinite=skip skips such steps instead); a mistake in a config, a path or a file is
+exit status 2.
 
 examples:
   jaxsparse train
@@ -20,6 +24,10 @@ examples:
   jaxsparse train --mesh data=2,fsdp=4            # 8 devices: batch over 2, base params over 4
   jaxsparse train --mesh data=-1 --distributed --coordinator host0:1234 --num-processes 2 --process-id 0
 """
+
+
+# The exit status of a run stopped by a non-finite loss or gradient (or a loss spike).
+DIVERGED_EXIT = 3
 
 
 def add_config_args(parser: argparse.ArgumentParser, *, config_required: bool = False) -> None:
@@ -51,6 +59,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", metavar="DIR", help="output directory (overrides the config's 'output')")
     p.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in the output directory"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume: continue even though the config differs from the run's (the differing "
+        "keys are printed); the checkpoint must still fit the model and method",
     )
     p.add_argument(
         "--overwrite",
@@ -137,12 +151,18 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         # Before any heavy work (and before touching devices): is the output directory ours to write?
+        if args.force and not args.resume:
+            raise ConfigError("--force applies to --resume only (continue a run whose config differs)")
         trainer.check_output(cfg.output, resume=args.resume, overwrite=args.overwrite)
         initialize_distributed(args)
-        result = trainer.train(cfg, resume=args.resume, overwrite=args.overwrite)
+        result = trainer.train(cfg, resume=args.resume, overwrite=args.overwrite, force=args.force)
     except trainer.TrainingInterrupted as e:
         print(f"jaxsparse: {e}; continue with --resume", file=sys.stderr)
         return 130
+    except trainer.TrainingDiverged as e:
+        # Not a usage error: the run itself went wrong. Its checkpoints before the step are kept.
+        fail("train", e)
+        return DIVERGED_EXIT
     except (*ERRORS, CheckpointError, PermissionError, FloatingPointError) as e:
         return fail("train", e)
     print(summary(result, cfg.task))
@@ -158,14 +178,24 @@ def summary(result, task: str) -> str:
             f"held-out accuracy: {result.final['accuracy']:.4f} (macro-F1 {result.final['macro_f1']:.4f})"
             + (f"; before training {before:.4f}" if before is not None else "")
         )
+    elif task == "masked_lm":
+        before = result.initial.get("perplexity")
+        lines.append(
+            f"held-out masked-token perplexity: {result.final['perplexity']:.3f} "
+            f"(accuracy {result.final['accuracy']:.4f})"
+            + (f"; before training {before:.3f}" if before is not None else "")
+        )
     else:
         before = result.initial.get("perplexity")
         lines.append(
             f"held-out perplexity: {result.final['perplexity']:.3f}"
             + (f" (before training {before:.3f})" if before is not None else "")
         )
+    segments = getattr(result, "segments", 1)
     lines.append(
         f"trained {result.num_trainable:,} parameters for {result.steps} steps in {result.seconds:.0f} s"
+        + (f" over {segments} segments (resumed {segments - 1}x)" if segments > 1 else "")
+        + (f"; {result.skipped_steps} skipped (non-finite)" if getattr(result, "skipped_steps", 0) else "")
     )
     lines.append(f"adapter: {result.adapter_dir}")
     lines.append(f"plot:    {result.plot_path}")

@@ -34,6 +34,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -51,6 +52,7 @@ from jaxsparse.convert import (
     write_safetensors_bytes,
 )
 from jaxsparse.delta import Adapter, LowRankDelta
+from jaxsparse.methods import sqft
 from jaxsparse.methods.lora import LoraConfig, dense_paths, target_modules_of
 from jaxsparse.models.naming import hf_key, param_path
 
@@ -198,6 +200,10 @@ def lora_config_from_peft(raw: Mapping[str, Any], *, source: str = CONFIG_NAME) 
     for key, value in raw.items():
         if key in _SUPPORTED or key in _IGNORED:
             continue
+        if key in sqft.PEFT_FLAGS:  # SQFT's LoraConfig fields (jaxsparse.methods.sqft)
+            if not isinstance(value, bool):
+                raise AdapterFormatError(f"{source}: {key!r} must be true or false, got {value!r}")
+            continue
         if key in _OFF_VALUES:
             allowed = _OFF_VALUES[key]
             if allowed is None or value in allowed:
@@ -229,8 +235,9 @@ def lora_config_from_peft(raw: Mapping[str, Any], *, source: str = CONFIG_NAME) 
     kwargs["init_lora_weights"] = init
     for name in ("rank_pattern", "alpha_pattern"):
         kwargs[name] = raw.get(name) or {}
+    flags = {k: raw[k] for k in sqft.PEFT_FLAGS if raw.get(k)}
     try:
-        return LoraConfig(**kwargs)
+        return sqft.SQFTConfig(**kwargs, **flags) if flags else LoraConfig(**kwargs)
     except (TypeError, ValueError) as e:
         raise AdapterFormatError(f"{source}: {e}") from None
 
@@ -254,6 +261,8 @@ def lora_config_to_peft(config: LoraConfig, *, base_model_class: str | None = No
         task_type=config.task_type,
         base_model_name_or_path=config.base_model_name_or_path,
     )
+    if isinstance(config, sqft.SQFTConfig):
+        out.update({k: getattr(config, k) for k in sqft.PEFT_FLAGS})  # as SQFT's patched LoraConfig
     if config.task_type == "SEQ_CLS":
         # PeftModelForSequenceClassification adds the head names and writes them.
         heads = list(out["modules_to_save"] or [])
@@ -351,6 +360,13 @@ def save_peft_lora(
     config = adapter.config
     if not isinstance(config, LoraConfig):
         raise TypeError(f"save_peft_lora needs an adapter with a LoraConfig, got {type(config).__name__}")
+    elastic = None
+    if isinstance(config, sqft.SQFTConfig):
+        # SQFT stores the factors only: the SparsePEFT masks come from the base, the NLS ranks are
+        # per-step samples; an NLS super-adapter records its search space as SQFT does.
+        adapter = sqft.without_masks(adapter)
+        if config.nls:
+            elastic = sqft.elastic_adapter_config(config, [tree_lib.module_of(p) for p in adapter.deltas])
     for path, delta in adapter.deltas.items():
         module = _lora_module(path, delta)
         r, _ = config.rank_and_alpha(module)
@@ -369,6 +385,10 @@ def save_peft_lora(
             + "\n",
         )
         atomic_write_bytes(os.path.join(tmp, WEIGHTS_NAME), data)
+        if elastic is not None:
+            atomic_write_text(
+                os.path.join(tmp, sqft.ELASTIC_CONFIG_NAME), json.dumps(elastic, indent=4) + "\n"
+            )
 
 
 def load_peft_lora(
@@ -469,7 +489,13 @@ def load_peft_lora(
             f"{weights_path}: full tensors {stray[:4]} are neither in modules_to_save nor biases allowed by "
             f"bias={config.bias!r}"
         )
-    return Adapter(deltas=deltas, dense=dense, config=config)
+    adapter = Adapter(deltas=deltas, dense=dense, config=config)
+    if getattr(config, "sparse_adapter", False) and not any(
+        isinstance(leaves[p], jax.ShapeDtypeStruct) for p in deltas
+    ):
+        # SparsePEFT: the update is masked by this base's zeros (with abstract params there are none yet).
+        adapter = sqft.with_base_masks(adapter, params, source=f"{cfg_path}: sparse_adapter")
+    return adapter
 
 
 def dense_paths_for_check(params: PyTree, config: LoraConfig, targets: set[str]) -> list[str]:

@@ -9,7 +9,7 @@ change to add a method: the registry discovers the modules of this package that 
 Example:
     >>> import jax, jax.numpy as jnp
     >>> names()
-    ('lora', 'shira', 'sparta')
+    ('lora', 'shira', 'sparta', 'sqft')
     >>> method = get("sparta")
     >>> config = method.config_from({"adapter.density": 0.25, "seed": 0}, target_modules=["lin"])
     >>> config.density, config.target_modules
@@ -93,7 +93,11 @@ def get(name: str) -> Method:
 
 
 def for_config(config: Any) -> Method:
-    """The method whose config class ``config`` is an instance of."""
+    """The method whose config class ``config`` is an instance of (its exact class first, so a
+    subclass config such as SQFT's ``SQFTConfig(LoraConfig)`` finds its own method)."""
+    for method in _methods().values():
+        if type(config) is method.config_class:
+            return method
     for method in _methods().values():
         if isinstance(config, method.config_class):
             return method

@@ -14,16 +14,16 @@ from jaxsparse.methods import lora, registry, shira, sparta
 
 
 def test_every_method_module_is_registered():
-    assert registry.names() == ("lora", "shira", "sparta")
-    assert config_lib.methods() == ("lora", "shira", "sparta", "full")
+    assert registry.names() == ("lora", "shira", "sparta", "sqft")
+    assert config_lib.methods() == ("lora", "shira", "sparta", "sqft", "full")
     for module in (lora, shira, sparta):
         method = registry.get(module.METHOD.name)
         assert method is module.METHOD and method.init is module.init
     assert {registry.get(n).native_format for n in registry.names()} == {"peft_lora", "peft_shira", "sparta"}
     with pytest.raises(
-        ValueError, match=r"unknown method 'sqft'; known methods: \['lora', 'shira', 'sparta'\]"
+        ValueError, match=r"unknown method 'dora'; known methods: \['lora', 'shira', 'sparta', 'sqft'\]"
     ):
-        registry.get("sqft")
+        registry.get("dora")
     with pytest.raises(ValueError, match="not the config of a registered method"):
         registry.for_config(object())
 

@@ -319,6 +319,7 @@ def test_tied_decoder_stays_tied_through_a_training_step_and_saving(
     still tied in transformers."""
     from jaxsparse import mlm
 
+    config.num_hidden_layers = 1
     tm = _perturbed(_torch_model(transformers.BertForMaskedLM, config))
     model = models.from_torch(tm)
     ids = np.random.default_rng(0).integers(5, 64, (4, 8))
