@@ -2,7 +2,7 @@
 
 The public API, at the top (``import jaxsparse as js``):
 
-- method configs: :class:`ShiraConfig`, :class:`SpartaConfig`, :class:`LoraConfig`;
+- method configs: :class:`ShiraConfig`, :class:`SpartaConfig`, :class:`LoraConfig`, :class:`SQFTConfig`;
 - ``init(params, config, key)``: the adapter of any method config (like PEFT's ``get_peft_model``),
   found through :mod:`jaxsparse.methods.registry`;
 - the adapter pytree: :class:`Adapter`, :class:`SparseDelta`, :class:`LowRankDelta`, and
@@ -36,6 +36,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "__version__": ("jaxsparse.version", "__version__"),
     # method configs, and the one entry point for all of them
     "LoraConfig": ("jaxsparse.methods.lora", "LoraConfig"),
+    "SQFTConfig": ("jaxsparse.methods.sqft", "SQFTConfig"),
     "ShiraConfig": ("jaxsparse.methods.shira", "ShiraConfig"),
     "SpartaConfig": ("jaxsparse.methods.sparta", "SpartaConfig"),
     "init": ("jaxsparse.methods.registry", "init_adapter"),

@@ -285,9 +285,12 @@ def atomic_dir(path: PathLike, *, overwrite: bool = False, **info: object) -> It
         check_output_dir(path, overwrite=overwrite, _ignore=os.path.basename(tmp))
         _install(tmp, path, info)
         _fsync_dir(path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         for made in made_parents:
             with contextlib.suppress(OSError):  # not empty any more: someone else's now
                 os.rmdir(made)
+        if isinstance(e, OSError) and e.errno and e.strerror and e.filename is None:
+            # A full disk (EFBIG/ENOSPC from a writer deep inside) names no file: name the output.
+            raise OSError(e.errno, e.strerror, path) from e
         raise

@@ -138,6 +138,14 @@ def _quiet_abandoned_reads() -> None:
 
     hook._jaxsparse_quiet = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+    # The same reads, when the process ends first: asyncio logs each failed task it never awaited.
+    logging.getLogger("asyncio").addFilter(_DropAbandonedOrbaxTasks())
+
+
+class _DropAbandonedOrbaxTasks(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
 
 
 class Checkpointer:

@@ -20,6 +20,7 @@ PUBLIC = [
     "Adapter",
     "LoraConfig",
     "LowRankDelta",
+    "SQFTConfig",
     "ShiraConfig",
     "SparseDelta",
     "SpartaConfig",
@@ -52,7 +53,7 @@ def test_public_names_are_pinned():
 
 def test_every_name_resolves_to_its_modules_object():
     from jaxsparse import adapter_io, delta, merge, models, train, version
-    from jaxsparse.methods import lora, registry, shira, sparta
+    from jaxsparse.methods import lora, registry, shira, sparta, sqft
 
     same = {
         "Adapter": delta.Adapter,
@@ -60,6 +61,7 @@ def test_every_name_resolves_to_its_modules_object():
         "SparseDelta": delta.SparseDelta,
         "apply": delta.apply,
         "LoraConfig": lora.LoraConfig,
+        "SQFTConfig": sqft.SQFTConfig,
         "ShiraConfig": shira.ShiraConfig,
         "SpartaConfig": sparta.SpartaConfig,
         "init": registry.init_adapter,
