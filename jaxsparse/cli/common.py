@@ -85,6 +85,65 @@ def add_output_args(parser: Any, *, what: str = "output directory", required: bo
     )
 
 
+def add_calibration_args(parser: Any, *, used_by: str) -> None:
+    """The calibration options the compression verbs share (``--calibration``, ``--samples``,
+    ``--seq-len``, ``--seed``, ``--batch-size``); check them with :func:`check_calibration_args`."""
+    parser.add_argument(
+        "--calibration",
+        default="bbc_news",
+        metavar="FILE|NAME",
+        help=f"calibration text for {used_by}: a text/.jsonl file or bbc_news / rotten_tomatoes "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--samples", type=int, default=128, metavar="N", help="calibration sequences (default: 128)"
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=512, metavar="L", help="tokens per sequence (default: 512)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default: 0)")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, metavar="B", help="sequences per jitted micro-batch (default: 8)"
+    )
+
+
+def check_calibration_args(args: Any) -> None:
+    """``ValueError`` naming the option when a calibration count is below 1."""
+    for name in ("samples", "seq_len", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+
+
+def tokenizer_and_calibration(args: Any, *, needed_by: str | None) -> tuple[Any, Any, dict | None]:
+    """``(tokenizer, calibration, settings)`` for a compression verb: the model's tokenizer (``None``
+    when it has none and nothing needs it), the calibration tokens when ``needed_by`` names the
+    algorithm that needs them (else ``None``), and what to record of them in the output."""
+    from jaxsparse.calibration import load_calibration
+    from jaxsparse.models import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(args.model)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        if needed_by:
+            raise ValueError(
+                f"{args.model}: {needed_by} needs the model's tokenizer for calibration: {e}"
+            ) from None
+        return None, None, None
+    if not needed_by:
+        return tokenizer, None, None
+    cal = load_calibration(
+        args.calibration, tokenizer, samples=args.samples, seq_len=args.seq_len, seed=args.seed, progress=True
+    )
+    settings = {
+        "source": cal.source,
+        "samples": cal.samples,
+        "seq_len": cal.seq_len,
+        "seed": cal.seed,
+        "stream_tokens": cal.stream_tokens,
+    }
+    return tokenizer, cal, settings
+
+
 def adapter_hints(adapter_dir: str) -> dict[str, Any]:
     """What the adapter's own files say about its base model: ``model_type``, ``task``, ``num_labels``,
     ``id2label``, ``base`` (the recorded base model name or path)."""

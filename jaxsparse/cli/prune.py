@@ -30,6 +30,8 @@ examples:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from jaxsparse.cli.common import add_calibration_args
+
     p = subparsers.add_parser(
         "prune",
         help="prune a model's block linears (Wanda or magnitude; unstructured or N:M)",
@@ -51,20 +53,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="PATTERN",
         help="unstructured, 2:4 or 4:8 (any N:M with 0 < N < M) (default: %(default)s)",
     )
-    p.add_argument(
-        "--calibration",
-        default="bbc_news",
-        metavar="FILE|NAME",
-        help="calibration text for Wanda: a text/.jsonl file or bbc_news / rotten_tomatoes (default: %(default)s)",
-    )
-    p.add_argument(
-        "--samples", type=int, default=128, metavar="N", help="calibration sequences (default: 128)"
-    )
-    p.add_argument("--seq-len", type=int, default=512, metavar="L", help="tokens per sequence (default: 512)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default: 0)")
-    p.add_argument(
-        "--batch-size", type=int, default=8, metavar="B", help="sequences per jitted micro-batch (default: 8)"
-    )
+    add_calibration_args(p, used_by="Wanda")
     p.add_argument(
         "--targets",
         nargs="+",
@@ -81,12 +70,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _validate(args: argparse.Namespace):
+    from jaxsparse.cli.common import check_calibration_args
     from jaxsparse.prune import prune_spec
 
     spec = prune_spec(args.method, args.sparsity, args.pattern)
-    for name in ("samples", "seq_len", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_calibration_args(args)
     return spec
 
 
@@ -98,29 +86,16 @@ def run(args: argparse.Namespace) -> int:
         from jaxsparse.atomic import atomic_dir, check_output_dir
 
         check_output_dir(args.output, overwrite=args.overwrite)  # before any model is loaded
-        from jaxsparse.calibration import load_calibration
-        from jaxsparse.models import from_pretrained, load_tokenizer, save_pretrained
+        from jaxsparse.cli.common import tokenizer_and_calibration
+        from jaxsparse.models import from_pretrained, save_pretrained
         from jaxsparse.prune import check_pattern_widths, prunable_linears, prune_model, sparsity_report
 
         model = from_pretrained(args.model)
         targets = prunable_linears(model, args.targets)
         check_pattern_widths(model, targets, spec.pattern)  # an N:M width error before calibration work
-        try:
-            tokenizer = load_tokenizer(args.model)
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            if spec.method == "wanda":
-                raise ValueError(f"{args.model}: Wanda needs the model's tokenizer: {e}") from None
-            tokenizer = None
-        cal = None
-        if spec.method == "wanda":
-            cal = load_calibration(
-                args.calibration,
-                tokenizer,
-                samples=args.samples,
-                seq_len=args.seq_len,
-                seed=args.seed,
-                progress=True,
-            )
+        tokenizer, cal, cal_settings = tokenizer_and_calibration(
+            args, needed_by="Wanda" if spec.method == "wanda" else None
+        )
         pruned = prune_model(
             model,
             method=spec.method,
@@ -139,14 +114,8 @@ def run(args: argparse.Namespace) -> int:
             "targets": targets,
             "model": str(args.model),
         }
-        if cal is not None:
-            settings["calibration"] = {
-                "source": cal.source,
-                "samples": cal.samples,
-                "seq_len": cal.seq_len,
-                "seed": cal.seed,
-                "stream_tokens": cal.stream_tokens,
-            }
+        if cal_settings is not None:
+            settings["calibration"] = cal_settings
         with atomic_dir(args.output, overwrite=args.overwrite, verb="prune") as tmp:
             save_pretrained(pruned, tmp)
             if tokenizer is not None:

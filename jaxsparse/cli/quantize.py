@@ -35,6 +35,8 @@ examples:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from jaxsparse.cli.common import add_calibration_args
+
     p = subparsers.add_parser(
         "quantize",
         help="quantize a model's block linears (RTN or GPTQ; 2/4/8 bits) into a GPTQ checkpoint",
@@ -67,20 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="D",
         help="GPTQ damping, a fraction of the Hessian's mean diagonal added to it (default: 0.01)",
     )
-    p.add_argument(
-        "--calibration",
-        default="bbc_news",
-        metavar="FILE|NAME",
-        help="calibration text for GPTQ: a text/.jsonl file or bbc_news / rotten_tomatoes (default: %(default)s)",
-    )
-    p.add_argument(
-        "--samples", type=int, default=128, metavar="N", help="calibration sequences (default: 128)"
-    )
-    p.add_argument("--seq-len", type=int, default=512, metavar="L", help="tokens per sequence (default: 512)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default: 0)")
-    p.add_argument(
-        "--batch-size", type=int, default=8, metavar="B", help="sequences per jitted micro-batch (default: 8)"
-    )
+    add_calibration_args(p, used_by="GPTQ")
     p.add_argument("--output", required=True, metavar="DIR", help="where to write the quantized checkpoint")
     p.add_argument(
         "--overwrite", action="store_true", help="replace a previous jaxsparse output in DIR (nothing else)"
@@ -94,14 +83,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _validate(args: argparse.Namespace) -> None:
+    from jaxsparse.cli.common import check_calibration_args
     from jaxsparse.quant.grid import check_spec
 
     check_spec(args.bits, args.group_size)
     if not 0 <= args.damp_percent < 1:
         raise ValueError(f"--damp-percent must be in [0, 1), got {args.damp_percent}")
-    for name in ("samples", "seq_len", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_calibration_args(args)
     if args.desc_act and args.method != "gptq":
         raise ValueError("--desc-act is a GPTQ option (act-order); it has no meaning for --method rtn")
 
@@ -136,32 +124,17 @@ def run(args: argparse.Namespace) -> int:
 
         check_output_dir(args.output, overwrite=args.overwrite)  # before any model is loaded
         refuse_quantized(args.model)
-        from jaxsparse.calibration import load_calibration
-        from jaxsparse.models import from_pretrained, load_tokenizer, save_pretrained
+        from jaxsparse.cli.common import tokenizer_and_calibration
+        from jaxsparse.models import from_pretrained, save_pretrained
         from jaxsparse.quant.quantizer import check_model_widths, quantizable_linears, quantize_model
         from jaxsparse.quant.save import save_gptq
 
         model = from_pretrained(args.model)
         paths = quantizable_linears(model)
         check_model_widths(model, paths, bits=args.bits, group_size=args.group_size)
-        try:
-            tokenizer = load_tokenizer(args.model)
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            if args.method == "gptq":
-                raise ValueError(
-                    f"{args.model}: GPTQ needs the model's tokenizer for calibration: {e}"
-                ) from None
-            tokenizer = None
-        cal = None
-        if args.method == "gptq":
-            cal = load_calibration(
-                args.calibration,
-                tokenizer,
-                samples=args.samples,
-                seq_len=args.seq_len,
-                seed=args.seed,
-                progress=True,
-            )
+        tokenizer, cal, cal_settings = tokenizer_and_calibration(
+            args, needed_by="GPTQ" if args.method == "gptq" else None
+        )
         quantized_model, layers = quantize_model(
             model,
             method=args.method,
@@ -185,14 +158,8 @@ def run(args: argparse.Namespace) -> int:
             "format": "dequantized" if args.dequantized else "gptq",
             "model": str(args.model),
         }
-        if cal is not None:
-            settings["calibration"] = {
-                "source": cal.source,
-                "samples": cal.samples,
-                "seq_len": cal.seq_len,
-                "seed": cal.seed,
-                "stream_tokens": cal.stream_tokens,
-            }
+        if cal_settings is not None:
+            settings["calibration"] = cal_settings
         with atomic_dir(args.output, overwrite=args.overwrite, verb="quantize") as tmp:
             if args.dequantized:
                 save_pretrained(quantized_model, tmp)
