@@ -42,6 +42,32 @@ CASES = (
 Run = Callable[[str, bool], int]
 
 
+def write_llama_and_shira_adapter(root: Path) -> tuple[Path, Path]:
+    """``(model_dir, adapter_dir)`` under ``root``: a one-block Llama saved by our own writer and a SHiRA
+    adapter on its ``q_proj`` (no PyTorch needed, fast)."""
+    import jax
+    import transformers
+
+    from jaxsparse import models
+    from jaxsparse.adapter_io import save_adapter
+    from jaxsparse.methods import shira
+
+    config = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
+    models.save_pretrained(models.init_params(config, task="causal_lm", seed=0), root / "model")
+    model = models.from_pretrained(root / "model")
+    adapter = shira.init(model.params, shira.ShiraConfig(r=1, target_modules=["q_proj"]), jax.random.key(0))
+    save_adapter(adapter, root / "adapter", model=model)
+    return root / "model", root / "adapter"
+
+
 def snapshot(root: Path) -> dict[str, tuple[int, bytes | None]]:
     """Every entry under ``root`` (itself included): its mode and, for files, its bytes."""
     out: dict[str, tuple[int, bytes | None]] = {".": (os.stat(root).st_mode, None)}

@@ -13,36 +13,19 @@ import sys
 import textwrap
 from pathlib import Path
 
-import jax
 import pytest
-import transformers
 
-from jaxsparse import models
-from jaxsparse.adapter_io import load_adapter, save_adapter
+from jaxsparse.adapter_io import load_adapter
 from jaxsparse.cli import common, info, main
 from jaxsparse.convert import AdapterFormatError
-from jaxsparse.methods import shira
+from tests.cli.safety import write_llama_and_shira_adapter
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("errors").absolute()
-    config = transformers.LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-    )
-    models.save_pretrained(models.init_params(config, task="causal_lm", seed=0), root / "model")
-    model = models.from_pretrained(root / "model")
-    adapter = shira.init(model.params, shira.ShiraConfig(r=1, target_modules=["q_proj"]), jax.random.key(0))
-    save_adapter(adapter, root / "adapter", model=model)
-    return root / "model", root / "adapter"
+    return write_llama_and_shira_adapter(tmp_path_factory.mktemp("errors").absolute())
 
 
 def _one_line(capsys, verb: str) -> str:

@@ -5,34 +5,16 @@ A tiny Llama saved by our own writer and a SHiRA adapter for it: no PyTorch need
 
 from __future__ import annotations
 
-import jax
 import pytest
-import transformers
 
 from jaxsparse import models
-from jaxsparse.adapter_io import save_adapter
 from jaxsparse.cli import main
-from jaxsparse.methods import shira
-from tests.cli.safety import CASES, check_output_safety
+from tests.cli.safety import CASES, check_output_safety, write_llama_and_shira_adapter
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("safety").absolute()
-    config = transformers.LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-    )
-    models.save_pretrained(models.init_params(config, task="causal_lm", seed=0), root / "model")
-    model = models.from_pretrained(root / "model")
-    adapter = shira.init(model.params, shira.ShiraConfig(r=1, target_modules=["q_proj"]), jax.random.key(0))
-    save_adapter(adapter, root / "adapter", model=model)
-    return root / "model", root / "adapter"
+    return write_llama_and_shira_adapter(tmp_path_factory.mktemp("safety").absolute())
 
 
 def _argv(verb, model, adapter, output, overwrite):

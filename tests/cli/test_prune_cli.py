@@ -8,46 +8,18 @@ import json
 
 import numpy as np
 import pytest
-import torch
-import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from jaxsparse.cli import main
-
-TEXT = (
-    "the quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat and "
-    "birds sing in the tall green trees near the quiet river bank every single morning "
-) * 20
+from tests.cli.tiny_llama import TEXT, hf_weights, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-llama")
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "</s>"]))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
-    fast.save_pretrained(root)
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        eos_token_id=fast.eos_token_id,
-    )
-    transformers.LlamaForCausalLM(cfg).save_pretrained(root)
+    tiny_llama(root).save_pretrained(root)
     calib = root.parent / "calib.txt"
     calib.write_text(TEXT)
     return root
-
-
-def _weights(directory) -> dict[str, np.ndarray]:
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory)
-    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
 def test_wanda_unstructured_end_to_end(model_dir, tmp_path, capsys):
@@ -56,7 +28,7 @@ def test_wanda_unstructured_end_to_end(model_dir, tmp_path, capsys):
     argv += ["--calibration", str(model_dir.parent / "calib.txt"), "--samples", "4", "--seq-len", "16"]
     assert main([*argv, "--output", str(out)]) == 0
     assert "50.00% of their weights are zero" in capsys.readouterr().out
-    before, after = _weights(model_dir), _weights(out)
+    before, after = hf_weights(model_dir), hf_weights(out)
     for name, w in after.items():
         if ".layers." in name and name.endswith("proj.weight"):
             assert ((w == 0).sum(axis=1) == w.shape[1] // 2).all(), name
@@ -91,7 +63,7 @@ def test_magnitude_4_8_targets(model_dir, tmp_path, capsys):
         "model.layers.0.mlp.down_proj",
         "model.layers.1.mlp.down_proj",
     ]
-    w = _weights(out)["model.layers.0.mlp.down_proj.weight"]  # (out, in): groups of 8 inputs per row
+    w = hf_weights(out)["model.layers.0.mlp.down_proj.weight"]  # (out, in): groups of 8 inputs per row
     assert ((w.reshape(w.shape[0], -1, 8) != 0).sum(-1) <= 4).all()
 
 

@@ -11,32 +11,17 @@ import pytest
 import torch
 import transformers
 from safetensors.numpy import load_file
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from jaxsparse.cli import main
 from jaxsparse.models import from_pretrained
 from jaxsparse.tree import leaf_paths
-
-TEXT = (
-    "the quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat and "
-    "birds sing in the tall green trees near the quiet river bank every single morning "
-) * 20
+from tests.cli.tiny_llama import TEXT, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-llama")
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "</s>"]))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
-    fast.save_pretrained(root)
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, eos_token_id=fast.eos_token_id,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(cfg)
+    model = tiny_llama(root)
     with torch.no_grad():  # a pruned base: half of every block linear is zero
         for name, p in model.named_parameters():
             if ".layers." in name and name.endswith("proj.weight"):

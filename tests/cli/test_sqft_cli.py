@@ -13,37 +13,17 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from jaxsparse.cli import main
+from tests.cli.tiny_llama import TEXT, hf_weights, tiny_llama
 
 peft = pytest.importorskip("peft")
 
-TEXT = (
-    "the quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat and "
-    "birds sing in the tall green trees near the quiet river bank every single morning "
-) * 20
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
 def _tiny_llama(root, *, sparse: bool):
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "</s>"]))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
-    fast.save_pretrained(root)
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        eos_token_id=fast.eos_token_id,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(root).eval()
     if sparse:  # 50% unstructured magnitude sparsity in every decoder linear, as a pruned base
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -57,11 +37,6 @@ def _tiny_llama(root, *, sparse: bool):
 def sparse_base(tmp_path_factory):
     root = tmp_path_factory.mktemp("sparse-llama")
     return root, _tiny_llama(root, sparse=True)
-
-
-def _weights(directory) -> dict[str, np.ndarray]:
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory)
-    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
 def _peft_adapter(base_model, out, *, sparse_flag: bool):
@@ -91,7 +66,7 @@ def test_merge_of_a_sparse_adapter_keeps_every_zero_and_matches_the_oracle(spars
         == 0
     )
     capsys.readouterr()
-    before, after = _weights(base_dir), _weights(out)
+    before, after = hf_weights(base_dir), hf_weights(out)
     checked = 0
     for key, w in before.items():
         module = key[: -len(".weight")]
@@ -135,7 +110,7 @@ def test_the_same_lora_without_the_flag_loses_the_sparsity(sparse_base, tmp_path
         )
         == 0
     )
-    w = _weights(out)["model.layers.0.self_attn.q_proj.weight"]
+    w = hf_weights(out)["model.layers.0.self_attn.q_proj.weight"]
     assert (w == 0).mean() < 0.01
 
 
@@ -223,7 +198,7 @@ def test_train_sqft_then_extract_and_merge(sparse_base, tmp_path, capsys):
 
     merged = tmp_path / "merged"
     assert main(["merge", "--model", str(base_dir), "--adapter", str(sub), "--output", str(merged)]) == 0
-    before, after = _weights(base_dir), _weights(merged)
+    before, after = hf_weights(base_dir), hf_weights(merged)
     for key in before:
         if any(key.endswith(f"{m}.weight") for m in TARGETS):
             assert np.array_equal(after[key] == 0, before[key] == 0), key
