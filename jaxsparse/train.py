@@ -11,6 +11,20 @@ Contract of the two user functions:
   is built with ``takes_rng=True``, e.g. for dropout): the forward pass on *effective* params;
 - ``loss_fn(outputs, batch) -> loss`` or ``-> (loss, metrics_dict)``: a scalar to minimise.
 
+A method's config may shape each training step through three optional hooks (duck-typed, so
+this spine imports no method; all run traced under ``jit`` with static shapes):
+
+- ``forward_view(adapter, rng) -> adapter``: the adapter the step's forward pass sees, applied
+  *inside* the differentiated loss to the adapter holding the trainable leaves, so a view that
+  masks, drops or gathers trainable entries gets the matching zero gradients (NLS samples ranks,
+  delta/LoRA dropout draws masks). ``rng`` is the step's key (never ``None`` in a step; the view
+  is skipped when :func:`value_and_grad` is called without a key). Training only: evaluation and
+  merge use the stored adapter.
+- ``constrain_grads(adapter, grads, step) -> grads``: before the optimizer (masked updates).
+- ``after_update(adapter, step) -> adapter``: after the update, outside the gradient, with
+  ``step`` the number of completed steps (pruning schedules, accumulated statistics); it may
+  change trainable values (re-zero pruned entries) and non-trainable fields alike.
+
 ``factored=True`` (for models of :mod:`jaxsparse.models`) hands ``apply_model`` params whose
 targeted kernels carry their deltas beside the frozen weight (:mod:`jaxsparse.factored`): LoRA runs
 as ``x W + x a b s`` and low-density sparse deltas take the sampled-product gradient, so no dense
@@ -120,9 +134,13 @@ def make_loss(
 
     def adapter_loss(trainable, adapter, params, batch, rng):
         params = jax.lax.stop_gradient(params)
+        adapter = delta_lib.with_trainable(adapter, trainable)
+        view = getattr(adapter.config, "forward_view", None)
+        if view is not None and rng is not None:
+            adapter = view(adapter, rng)
         effective = delta_lib.apply(
             params,
-            delta_lib.with_trainable(adapter, trainable),
+            adapter,
             factored=factored,
             sampled_max_density=sampled_max_density,
         )
@@ -180,16 +198,20 @@ def make_train_step(
     def step(state: TrainState, params: PyTree, batch: Any) -> tuple[TrainState, dict[str, Array]]:
         rng, step_rng = jax.random.split(state.rng)
         trainable = delta_lib.trainable(state.adapter)
-        adapter = state.adapter
-        sample = getattr(adapter.config, "sample_step_adapter", None)
-        if sample is not None:  # NLS (jaxsparse.methods.sqft): this step's sub-adapter ranks
-            adapter = sample(adapter, jax.random.fold_in(step_rng, 0x5F7))
-        (loss, metrics), grads = grad_fn(trainable, adapter, params, batch, step_rng)
+        config = state.adapter.config
+        (loss, metrics), grads = grad_fn(trainable, state.adapter, params, batch, step_rng)
+        constrain = getattr(config, "constrain_grads", None)
+        if constrain is not None:
+            grads = constrain(state.adapter, grads, state.step)
         updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
+        adapter = delta_lib.with_trainable(state.adapter, trainable)
+        after = getattr(config, "after_update", None)
+        if after is not None:
+            adapter = after(adapter, state.step + 1)
         new_state = TrainState(
             step=state.step + 1,
-            adapter=delta_lib.with_trainable(state.adapter, trainable),
+            adapter=adapter,
             opt_state=opt_state,
             rng=rng,
         )

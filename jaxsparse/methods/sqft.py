@@ -11,7 +11,7 @@
   the leading components ``A[:w]``, ``B[:, :w]``. Shapes stay static under ``jit``: the sampled
   rank is a ``rank_mask`` (``arange(r) < w``), so the other components get exactly zero gradient.
   Evaluation and merge use the whole (maximal) super-adapter, as SQFT's elastic layers do outside
-  training. :mod:`jaxsparse.train` calls :meth:`SQFTConfig.sample_step_adapter` once per step.
+  training. :mod:`jaxsparse.train` calls :meth:`SQFTConfig.forward_view` once per step.
 
 On disk an SQFT adapter is a PEFT LoRA directory whose ``adapter_config.json`` also carries SQFT's
 ``"sparse_adapter"`` / ``"quantization_aware"`` flags (the fields SQFT's patched ``LoraConfig``
@@ -121,6 +121,10 @@ class SQFTConfig(LoraConfig):
     def nls(self) -> bool:
         """Whether this is an elastic (NLS) super-adapter."""
         return self.search_space is not None
+
+    def forward_view(self, adapter: Adapter, rng: jax.Array) -> Adapter:
+        """The training step's view (the :mod:`jaxsparse.train` hook): NLS ranks drawn from ``rng``."""
+        return self.sample_step_adapter(adapter, jax.random.fold_in(rng, 0x5F7))
 
     def sample_step_adapter(self, adapter: Adapter, key: jax.Array) -> Adapter:
         """``adapter`` with one rank per NLS group drawn uniformly from the search space (jit-able).
