@@ -113,6 +113,7 @@ def save_adapter(
     fan_in_fan_out: Sequence[str] | None = None,
     hf_config: Any = None,
     overwrite: bool = False,
+    tokenizer: Any = None,
 ) -> str:
     """Write ``adapter`` to ``out_dir`` in ``format`` (default: its method's native format); returns it.
 
@@ -121,7 +122,8 @@ def save_adapter(
     also be given on its own. With params, the adapter is validated against them first, so a bad
     adapter never reaches the disk. ``out_dir`` must be new or empty; with ``overwrite=True`` it may
     also be a previous jaxsparse output holding nothing else (:func:`jaxsparse.atomic.atomic_dir`):
-    nothing else is ever deleted.
+    nothing else is ever deleted. ``tokenizer`` (SpaRTA only) is saved inside the directory, as the
+    authors' classifier loader wants for an adapter that added tokens.
     """
     format = format or _default_format(adapter)
     if format not in FORMATS:
@@ -141,6 +143,7 @@ def save_adapter(
             base_model_name_or_path=base,
             fan_in_fan_out=fan_in_fan_out,
             overwrite=overwrite,
+            base_model_class=_base_model_class(model),
         )
     elif format == "sparta":
         from jaxsparse.convert.sparta import save_sparta
@@ -149,22 +152,16 @@ def save_adapter(
             adapter,
             out_dir,
             base_model_name_or_path=base,
-            hf_config=hf_config if hf_config is not None else getattr(model, "config", None),
+            hf_config=hf_config if hf_config is not None else _task_config(model),
             params=params,
             fan_in_fan_out=fan_in_fan_out,
             overwrite=overwrite,
+            tokenizer=tokenizer,
         )
     else:
         from jaxsparse.convert.peft_lora import save_peft_lora
 
-        architectures = getattr(getattr(model, "config", None), "architectures", None) or [None]
-        base_class = architectures[0]
-        if getattr(model, "task", None) is not None:
-            # The class of the model the adapter was made on, e.g. BertForMaskedLM for a masked_lm run
-            # on a BertModel checkpoint: PEFT records it (auto_mapping) for adapters without a task_type.
-            from jaxsparse.models.base import architecture
-
-            base_class = architecture(model.model_type).hf_class_name(model.config, model.task)
+        base_class = _base_model_class(model)
         lora_config = adapter.config
         if (
             base_model_name_or_path
@@ -184,6 +181,29 @@ def save_adapter(
             overwrite=overwrite,
         )
     return format
+
+
+def _base_model_class(model: Any) -> str | None:
+    """The transformers class of the model an adapter is made on, e.g. BertForMaskedLM for a
+    masked_lm run on a BertModel checkpoint: PEFT records it (auto_mapping) for adapters without a
+    task_type."""
+    architectures = getattr(getattr(model, "config", None), "architectures", None) or [None]
+    if getattr(model, "task", None) is not None:
+        from jaxsparse.models.base import architecture
+
+        return architecture(model.model_type).hf_class_name(model.config, model.task)
+    return architectures[0]
+
+
+def _task_config(model: Any) -> Any:
+    """The model's Hugging Face config naming the class of its task (e.g. BertForMaskedLM for a
+    masked_lm model loaded from a BertModel checkpoint), so readers load the same heads."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(model, "task", None) is None:
+        return config
+    out = dict(config.to_dict()) if hasattr(config, "to_dict") else dict(config)
+    out["architectures"] = [_base_model_class(model)]
+    return out
 
 
 def load_adapter(

@@ -48,6 +48,7 @@ class Restored:
     epoch: int
     batch_index: int
     extra: dict[str, Any]
+    aux: Any = None  # the pytree saved beside the state (``save(aux=...)``), when asked for
 
 
 class CheckpointError(RuntimeError):
@@ -179,7 +180,9 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "meta", "aux")
+        )
 
     def save(
         self,
@@ -189,8 +192,12 @@ class Checkpointer:
         batch_index: int = 0,
         extra: dict[str, Any] | None = None,
         force: bool = False,
+        aux: Any = None,
     ) -> bool:
-        """Save at ``state.step`` if it is a multiple of ``save_every`` (or ``force``); True if saved."""
+        """Save at ``state.step`` if it is a multiple of ``save_every`` (or ``force``); True if saved.
+
+        ``aux`` is an optional pytree of arrays saved beside the state (the trainer's best adapter
+        under early stopping), read back by ``restore(..., aux_template=...)``."""
         extra = _to_python(dict(extra or {}))
         _check_json(extra)
         step = int(state.step)
@@ -199,7 +206,10 @@ class Checkpointer:
         if step in self._manager.all_steps():
             return False
         meta = {"step": step, "epoch": int(epoch), "batch_index": int(batch_index), "extra": extra}
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if aux is not None:
+            items["aux"] = ocp.args.StandardSave(aux)
+        args = ocp.args.Composite(**items)
         try:
             with _quiet_orbax_errors():
                 return bool(self._manager.save(step, args=args, force=True))
@@ -217,13 +227,14 @@ class Checkpointer:
         self._manager.wait_until_finished()
         return self._manager.latest_step()
 
-    def restore(self, template: TrainState, step: int | None = None) -> Restored:
+    def restore(self, template: TrainState, step: int | None = None, aux_template: Any = None) -> Restored:
         """Restore ``step`` (default: the latest) into the structure, dtypes and shardings of ``template``.
 
         ``template`` is a state built the same way as the saved one (e.g. ``init_train_state`` with
         the same adapter config and optimizer); a mismatch raises :class:`CheckpointError`. The
         arrays come back with the template's shardings, whatever the devices that saved them: a
-        checkpoint written on an 8-device mesh restores onto 2 devices, or one.
+        checkpoint written on an 8-device mesh restores onto 2 devices, or one. With ``aux_template``
+        the ``aux`` pytree saved beside the state is restored too (a checkpoint without one: error).
         """
         self._manager.wait_until_finished()
         if step is None:
@@ -235,7 +246,12 @@ class Checkpointer:
                 f"no checkpoint for step {step} in {self.directory!r}; have {self.all_steps()}"
             )
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        items = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
+        if aux_template is not None:
+            items["aux"] = ocp.args.StandardRestore(
+                jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, aux_template)
+            )
+        args = ocp.args.Composite(**items)
         try:
             restored = self._manager.restore(step, args=args)
         except (ValueError, KeyError, TypeError) as e:
@@ -250,9 +266,12 @@ class Checkpointer:
             epoch=int(meta["epoch"]),
             batch_index=int(meta["batch_index"]),
             extra=dict(meta.get("extra", {})),
+            aux=restored["aux"] if aux_template is not None else None,
         )
 
-    def restore_newest_readable(self, template: TrainState) -> tuple[Restored, list[tuple[int, str]]]:
+    def restore_newest_readable(
+        self, template: TrainState, aux_template: Any = None
+    ) -> tuple[Restored, list[tuple[int, str]]]:
         """The newest checkpoint that reads back whole into ``template``, and ``(step, why)`` for each
         newer one that did not (a truncated or damaged file: a storage fault, a kill mid-copy). The
         skipped checkpoints are left on disk. :class:`CheckpointError` naming every step and why
@@ -263,7 +282,7 @@ class Checkpointer:
         skipped: list[tuple[int, str]] = []
         for step in steps:
             try:
-                return self.restore(template, step), skipped
+                return self.restore(template, step, aux_template), skipped
             except Exception as e:
                 skipped.append((step, first_line(e)))
         reasons = "; ".join(f"step {s}: {why}" for s, why in skipped)

@@ -43,6 +43,10 @@ DTYPES = ("float32", "bfloat16")
 MASK_TYPES = ("random",)
 ADAPTER_SHARDINGS = ("replicated", "fsdp")
 ON_NONFINITE = ("stop", "skip")
+PRECISIONS = ("float32", "bfloat16")
+# Sparse LoRA's pruning schedule and magnitude ranking (jaxsparse.methods.sparse_lora).
+PRUNE_SCHEDULES = ("cubic", "one_shot")
+PRUNE_SCOPES = ("factor", "global")
 
 # Model names that resolve to the offline asset packages (ASSETS.md) instead of a path.
 ASSET_MODELS = {
@@ -68,6 +72,12 @@ class ModelConfig:
     # A classifier checkpoint whose head has another number of labels than the data: a fresh head
     # (as transformers' ignore_mismatched_sizes), or (false) refuse.
     reset_head: bool = True
+    # Tokens added to the tokenizer (as special tokens) and the embedding, new rows initialised as the
+    # SpaRTA authors' trainer does (docs/training.md, "New tokens"); train them with adapter.trainable_tokens.
+    new_tokens: list[str] | None = None
+    # QA-SparsePEFT (adapter.quantization_aware, docs/sqft.md): `path` is then the GPTQ model and this the
+    # non-quantized sparse model it was quantized from (SQFT's --non_quant_model_name_or_path).
+    non_quant_path: str | None = None
 
 
 @dataclasses.dataclass
@@ -96,7 +106,13 @@ class AdapterConfig:
     ``lora_alpha``), ``density`` for SpaRTA (fraction of entries trained). ``target_modules`` null means the method's default."""
 
     r: int = 8
-    density: float = 0.01
+    # SpaRTA (docs/training.md, "SpaRTA"): `density` per targeted weight (null: 0.01), or the authors'
+    # `sparsity` (fraction of all parameters frozen) with `frozen_modules`, `trainable_tokens` (ids or
+    # token strings) and `dropout` (on the delta entries); density and sparsity together are refused.
+    density: float | None = None
+    frozen_modules: list[str] | None = None
+    trainable_tokens: list[int | str] | None = None
+    dropout: float = 0.0
     lora_alpha: float = 16.0
     mask_type: str = "random"
     target_modules: list[str] | str | None = None
@@ -104,8 +120,29 @@ class AdapterConfig:
     modules_to_save: list[str] | None = dataclasses.field(default_factory=lambda: ["classifier"])
     # SQFT (method: sqft, docs/sqft.md): SparsePEFT mask and NLS elastic ranks (largest first).
     sparse_adapter: bool = False
+    # QA-SparsePEFT: train through fake quantization on model.path's GPTQ grid (needs model.non_quant_path).
+    quantization_aware: bool = False
     nls_target_modules: list[str] | None = None
     search_space: list[int] | None = None
+    # LoRA-family methods (lora, sqft, sparse_lora): PEFT's dropout on the adapter's input (training only).
+    lora_dropout: float = 0.0
+    # Sparse LoRA (method: sparse_lora, docs/sparse_lora.md): magnitude pruning of the LoRA factors to
+    # `sparsity`, reached by `prune_end` (a fraction of train.steps), gradually ("cubic", from
+    # `prune_start`, masks recomputed every `prune_every` steps) or at once ("one_shot"), ranked per
+    # factor or over all factors ("global").
+    # Shared with SpaRTA (its authors' sparsity, see above): null means "not given" (the method's default).
+    sparsity: float | None = None
+    prune_schedule: str = "cubic"
+    prune_start: float = 0.1
+    prune_end: float = 0.6
+    prune_every: int = 10
+    prune_scope: str = "factor"
+    # Rank-sparse LoRA (method: rank_sparse_lora, docs/rank_sparse_lora.md): the top
+    # ceil(target_density * r) rank components per step by contextual importance mixed with the
+    # accumulated one (weight importance_lambda), scored on score_tokens tokens per module.
+    target_density: float = 0.08
+    importance_lambda: float = 0.15
+    score_tokens: int = 64
 
 
 @dataclasses.dataclass
@@ -138,6 +175,20 @@ class TrainConfig:
     max_consecutive_skips: int = 5
     # Stop when a step's loss exceeds this multiple of the running median of the last losses; null: off.
     loss_spike_factor: float | None = None
+    # The linear/cosine schedules decay to this learning rate instead of 0 (SpaRTA's SFT lr_min).
+    lr_min: float = 0.0
+    # Early stopping: stop after this many held-out evaluations without an improvement of the loss
+    # by more than min_delta, and save the best adapter (by held-out loss); null: off.
+    patience: int | None = None
+    min_delta: float = 0.0
+    # bfloat16: forward and backward in bfloat16 (base weights held in bfloat16), the trained
+    # leaves, their gradients and the optimizer state in float32.
+    precision: str = "float32"
+    # Gradient checkpointing: every transformer block under jax.checkpoint (less memory, same result).
+    remat: bool = False
+    # Attention-probability dropout rate during training, overriding the model config's; null: the
+    # config's rate, and only with train.dropout.
+    attention_dropout: float | None = None
 
 
 @dataclasses.dataclass
@@ -167,6 +218,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "adapter.mask_type": MASK_TYPES,
     "train.adapter_sharding": ADAPTER_SHARDINGS,
     "train.on_nonfinite": ON_NONFINITE,
+    "train.precision": PRECISIONS,
+    "adapter.prune_schedule": PRUNE_SCHEDULES,
+    "adapter.prune_scope": PRUNE_SCOPES,
 }
 
 
@@ -457,12 +511,46 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         raise ConfigError(f"'train.max_consecutive_skips' must be >= 1, got {t.max_consecutive_skips}")
     if t.loss_spike_factor is not None and t.loss_spike_factor <= 1.0:
         raise ConfigError(f"'train.loss_spike_factor' must be > 1 or null (off), got {t.loss_spike_factor}")
+    _check_trainer_features(t)
     if not 0.0 <= t.sampled_grad_max_density <= 1.0:
         raise ConfigError(
             f"'train.sampled_grad_max_density' must be in [0, 1], got {t.sampled_grad_max_density}"
         )
-    if not 0.0 < a.density <= 1.0:
+    if a.density is not None and not 0.0 < a.density <= 1.0:
         raise ConfigError(f"'adapter.density' must be in (0, 1], got {a.density}")
+    if cfg.method == "sparta":
+        _check_sparta(a)
+        if a.sparsity is not None and t.head_learning_rate is not None:
+            raise ConfigError(
+                "'train.head_learning_rate' does not apply with 'adapter.sparsity': the head trains as "
+                "SpaRTA deltas at train.learning_rate, as the authors' trainer does; remove it"
+            )
+    if not 0.0 <= a.lora_dropout < 1.0:
+        raise ConfigError(f"'adapter.lora_dropout' must be in [0, 1), got {a.lora_dropout}")
+    if not 0.0 < a.target_density <= 1.0:
+        raise ConfigError(
+            f"'adapter.target_density' must be in (0, 1] (the fraction of rank components per step), got {a.target_density}"
+        )
+    if not 0.0 <= a.importance_lambda <= 1.0:
+        raise ConfigError(f"'adapter.importance_lambda' must be in [0, 1], got {a.importance_lambda}")
+    if a.score_tokens < 1:
+        raise ConfigError(f"'adapter.score_tokens' must be >= 1, got {a.score_tokens}")
+    if cfg.method != "sparta" and a.sparsity is not None and not 0.0 <= a.sparsity < 1.0:
+        raise ConfigError(
+            f"'adapter.sparsity' must be in [0, 1) (the fraction of LoRA factor entries pruned), got {a.sparsity}"
+        )
+    for key in ("adapter.prune_start", "adapter.prune_end"):
+        if not 0.0 <= _get(cfg, key) <= 1.0:
+            raise ConfigError(f"{key!r} must be a fraction of train.steps in [0, 1], got {_get(cfg, key)}")
+    if a.prune_start > a.prune_end:
+        raise ConfigError(
+            f"'adapter.prune_start' = {a.prune_start} is after 'adapter.prune_end' = {a.prune_end}: "
+            "the pruning window must start before it ends"
+        )
+    if a.prune_every < 1:
+        raise ConfigError(
+            f"'adapter.prune_every' must be >= 1 (steps between mask updates), got {a.prune_every}"
+        )
     if not (0 < d.eval_size < 1 or (d.eval_size >= 1 and float(d.eval_size).is_integer())):
         raise ConfigError(
             f"'data.eval_size' must be a fraction in (0, 1) or a whole count, got {d.eval_size}"
@@ -477,9 +565,11 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         _check_mesh(t)
     if cfg.task == "seq_cls" and d.source in ("csv", "jsonl") and d.label_column is None:
         raise ConfigError("'data.label_column' must name the label column for task 'seq_cls'")
+    _check_quantization_aware(cfg, check_paths=False)
     if not check_paths:
         return
     _check_model_path(cfg.model.path)
+    _check_quantization_aware(cfg, check_paths=True)
     if d.source in ("csv", "jsonl", "text") and d.path is None:
         raise ConfigError(f"'data.path' is required for data.source {d.source!r} (a local file)")
     for key in ("data.path", "data.eval_path"):
@@ -500,6 +590,94 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
                     )
 
 
+def _check_quantization_aware(cfg: Config, *, check_paths: bool) -> None:
+    """QA-SparsePEFT's keys: a method that has ``adapter.quantization_aware``, ``model.non_quant_path``
+    with it (and only with it), and (``check_paths``) a GPTQ ``model.path`` and a plain model directory
+    at ``model.non_quant_path``."""
+    from jaxsparse.methods import registry
+    from jaxsparse.quant.qa_base import gptq_config
+
+    qa, non_quant = cfg.adapter.quantization_aware, cfg.model.non_quant_path
+    if not qa and non_quant is None:
+        return
+    if non_quant is not None and not qa:
+        raise ConfigError(
+            "'model.non_quant_path' is only used with 'adapter.quantization_aware: true' (QA-SparsePEFT); "
+            "remove it, or set adapter.quantization_aware"
+        )
+    keys = () if cfg.method == FULL_FINETUNE else registry.get(cfg.method).yaml_keys
+    if "adapter.quantization_aware" not in keys:
+        with_qa = [m for m in registry.names() if "adapter.quantization_aware" in registry.get(m).yaml_keys]
+        raise ConfigError(
+            f"'adapter.quantization_aware' is not supported by method {cfg.method!r}; methods with it: {with_qa}"
+        )
+    if non_quant is None:
+        raise ConfigError(
+            "'adapter.quantization_aware: true' needs 'model.non_quant_path': the non-quantized sparse model "
+            "that the GPTQ 'model.path' was quantized from (SQFT's --non_quant_model_name_or_path)"
+        )
+    if not check_paths:
+        return
+    path = resolve_model_path(cfg.model.path)
+    if gptq_config(path) is None:
+        raise ConfigError(
+            f"'model.path' = {cfg.model.path!r} is not a GPTQ checkpoint (config.json without quantization_config "
+            "quant_method 'gptq'); with adapter.quantization_aware it must be the GPTQ model "
+            "(jaxsparse quantize --method gptq) and model.non_quant_path the sparse model it came from"
+        )
+    if not (Path(non_quant) / "config.json").is_file():
+        raise ConfigError(
+            f"'model.non_quant_path' = {non_quant!r}: not found; expected a Hugging Face model directory with "
+            "config.json (the non-quantized sparse model)"
+        )
+    if gptq_config(non_quant) is not None:
+        raise ConfigError(
+            f"'model.non_quant_path' = {non_quant!r} is itself a GPTQ checkpoint; it must be the non-quantized "
+            "sparse model the GPTQ 'model.path' was quantized from"
+        )
+
+
+def _check_sparta(a: AdapterConfig) -> None:
+    """SpaRTA's keys that need no model: one of density/sparsity, their ranges, and keys that only
+    go with one of them (the budget against the model is checked when the adapter is built)."""
+    if a.density is not None and a.sparsity is not None:
+        raise ConfigError(
+            f"'adapter.density' = {a.density} and 'adapter.sparsity' = {a.sparsity} are both set: give "
+            "density (the fraction of each targeted weight trained) or sparsity (the SpaRTA authors' "
+            "fraction of all the model's parameters frozen), not both"
+        )
+    if a.sparsity is not None and not 0.0 < a.sparsity < 1.0:
+        raise ConfigError(
+            f"'adapter.sparsity' must be in (0, 1) (the fraction of all parameters frozen), got {a.sparsity}"
+        )
+    if not 0.0 <= a.dropout < 1.0:
+        raise ConfigError(
+            f"'adapter.dropout' must be in [0, 1) (dropout on the delta entries), got {a.dropout}"
+        )
+    if a.sparsity is None:
+        for key in ("adapter.frozen_modules", "adapter.trainable_tokens"):
+            if _get_adapter(a, key) is not None:
+                raise ConfigError(
+                    f"{key!r} goes with 'adapter.sparsity' (the SpaRTA authors' budget); with "
+                    "'adapter.density' choose weights with adapter.target_modules / exclude_modules"
+                )
+    elif a.target_modules is not None or a.exclude_modules is not None:
+        raise ConfigError(
+            "'adapter.target_modules' / 'adapter.exclude_modules' go with 'adapter.density'; with "
+            "'adapter.sparsity' every parameter not matched by 'adapter.frozen_modules' is a candidate"
+        )
+    tokens = a.trainable_tokens or []
+    for t in tokens:
+        if isinstance(t, int) and t < 0:
+            raise ConfigError(f"'adapter.trainable_tokens': token ids must be >= 0, got {t}")
+    if len(set(tokens)) != len(tokens):
+        raise ConfigError(f"'adapter.trainable_tokens' lists a token twice: {tokens}")
+
+
+def _get_adapter(a: AdapterConfig, key: str) -> Any:
+    return getattr(a, key.split(".", 1)[1])
+
+
 def warmup_steps(t: TrainConfig) -> int:
     """The warm-up length a run uses: ``train.warmup_steps`` when set, else
     ``round(train.warmup_ratio * train.steps)``, always below ``train.steps`` (a 1- or 2-step run
@@ -512,6 +690,27 @@ def warmup_steps(t: TrainConfig) -> int:
     if t.warmup_steps is not None:
         return t.warmup_steps
     return max(0, min(round(t.warmup_ratio * t.steps), t.steps - 1))
+
+
+def _check_trainer_features(t: TrainConfig) -> None:
+    """``train.lr_min``, early stopping and attention dropout (docs/training.md, "SpaRTA's SFT")."""
+    if not 0.0 <= t.lr_min <= t.learning_rate:
+        raise ConfigError(
+            f"'train.lr_min' must be in [0, train.learning_rate = {t.learning_rate:g}], got {t.lr_min:g}"
+        )
+    if t.head_learning_rate is not None and t.lr_min > t.head_learning_rate:
+        raise ConfigError(
+            f"'train.lr_min' = {t.lr_min:g} exceeds 'train.head_learning_rate' = {t.head_learning_rate:g}; "
+            "the floor must be at most each peak rate"
+        )
+    if t.patience is not None and t.patience < 1:
+        raise ConfigError(
+            f"'train.patience' must be >= 1 (evaluations without improvement) or null (off), got {t.patience}"
+        )
+    if t.min_delta < 0.0:
+        raise ConfigError(f"'train.min_delta' must be >= 0, got {t.min_delta:g}")
+    if t.attention_dropout is not None and not 0.0 <= t.attention_dropout < 1.0:
+        raise ConfigError(f"'train.attention_dropout' must be in [0, 1) or null, got {t.attention_dropout:g}")
 
 
 def _check_mesh(t: TrainConfig) -> None:

@@ -81,7 +81,17 @@ class LowRankDelta:
     b: Float[Array, "r fan_out"]
     rank_mask: Float[Array, " r"] | None = None
     mask: Array | None = None
+    # Sparse LoRA (jaxsparse.methods.sparse_lora): which entries of a / b magnitude pruning keeps.
+    # Bookkeeping for the method's hooks, which hold the pruned entries of a and b at exactly zero
+    # (masked gradients, re-zeroed after each update), so forward, merge and export read a, b as is.
+    a_mask: Array | None = None
+    b_mask: Array | None = None
+    # LoRA dropout (PEFT's lora_dropout), set only on the training step's view of the adapter
+    # (LoraConfig.forward_view): the key of this layer's dropout mask on the adapter's input.
+    # Only the factored matmul (jaxsparse.factored) can apply it; forming the dense update refuses.
+    dropout_key: Array | None = None
     scale: float = static(1.0)
+    dropout_rate: float = static(0.0)
 
     trainable_fields: ClassVar[tuple[str, ...]] = ("a", "b")
 
@@ -91,6 +101,12 @@ class LowRankDelta:
 
     def product(self) -> Array:
         """The dense (in, out) update; materialised only where a merge or a masked update needs it."""
+        if self.dropout_key is not None:
+            raise ValueError(
+                "LoRA dropout acts on the layer's input, which a dense weight update cannot express: "
+                "train LoRA with dropout through the factored path (delta.apply(..., factored=True), as "
+                "jaxsparse.trainer does) or set lora_dropout=0"
+            )
         a = self.a if self.rank_mask is None else self.a * self.rank_mask.astype(self.a.dtype)
         delta = (a @ self.b) * self.scale
         if self.mask is not None:

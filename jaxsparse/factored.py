@@ -9,6 +9,8 @@ the dense weight gradient ``x^T dy`` and keeps only what the delta needs of it. 
 - a :class:`~jaxsparse.delta.LowRankDelta` without an element mask runs as PEFT's LoRA layer does,
   ``x @ W + ((x @ a) @ b) * scale``: the dense update ``a @ b`` is never formed, and the gradients
   of ``a`` and ``b`` come from ``(in, r)`` and ``(r, out)`` products instead of an ``(in, out)`` one;
+  a delta carrying a ``dropout_key`` (LoRA dropout, set on the training step's view only) drops the
+  low-rank branch's input, ``x W + ((dropout(x) @ a) @ b) * scale``, as PEFT does (:func:`lora_dropout`);
 - a :class:`~jaxsparse.delta.SparseDelta` whose density ``k / numel`` is at most
   ``sampled_max_density`` takes the *sampled product* gradient: the gradient of value ``j`` at
   kernel entry ``(i, o)`` is ``sum_t x[t, i] * dy[t, o]``, computed from the k gathered rows of
@@ -33,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -90,12 +93,35 @@ def matmul(
         return delta.matmul_beside(x, kernel.base, precision)
     if isinstance(delta, LowRankDelta) and delta.mask is None:
         a = delta.a if delta.rank_mask is None else delta.a * delta.rank_mask.astype(delta.a.dtype)
-        low_rank = _dot(_dot(x, a.astype(x.dtype), precision), delta.b.astype(x.dtype), precision)
+        x_in = lora_dropout(x, delta)
+        low_rank = _dot(_dot(x_in, a.astype(x.dtype), precision), delta.b.astype(x.dtype), precision)
         return _dot(x, kernel.base, precision) + low_rank * jnp.asarray(delta.scale, x.dtype)
+    if isinstance(delta, LowRankDelta) and delta.dropout_key is not None:
+        # A masked update (SparsePEFT) is formed densely; the dropout still reaches only its input.
+        undropped = dataclasses.replace(delta, dropout_key=None)
+        update = undropped.product().astype(x.dtype)
+        return _dot(x, kernel.base, precision) + _dot(lora_dropout(x, delta), update, precision)
     if isinstance(delta, SparseDelta) and kernel.sampled_grad and precision is None:
         # The custom gradient uses the default precision; an explicit precision takes the dense path.
         return _sparse_matmul(x, kernel.base, delta.indices, delta.values)
     return _dot(x, kernel.dense(), precision)
+
+
+def lora_dropout(x: Float[Array, "... fan_in"], delta: LowRankDelta) -> Float[Array, "... fan_in"]:
+    """The adapter's input under PEFT's LoRA dropout: ``x`` with each entry zeroed with probability
+    ``delta.dropout_rate`` and the rest scaled by ``1 / (1 - rate)`` (``torch.nn.Dropout``), drawn from
+    ``delta.dropout_key``; ``x`` itself when the delta carries no key (evaluation, merge) or rate 0.
+
+    Example:
+        >>> import jax
+        >>> d = LowRankDelta(jnp.ones((4, 1)), jnp.ones((1, 2)), dropout_key=jax.random.PRNGKey(0), dropout_rate=0.5)
+        >>> sorted(set(lora_dropout(jnp.ones((2, 4)), d).reshape(-1).tolist())) in ([0.0, 2.0], [0.0], [2.0])
+        True
+    """
+    if delta.dropout_key is None or delta.dropout_rate == 0:
+        return x
+    keep = jax.random.bernoulli(delta.dropout_key, 1.0 - delta.dropout_rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - delta.dropout_rate, x.dtype), jnp.zeros((), x.dtype))
 
 
 def _dot(x: Array, w: Array, precision: Any) -> Array:

@@ -156,6 +156,10 @@ class SequenceClassifier:
             if id2label is None:
                 raw = getattr(model.config, "id2label", None) or {}
                 id2label = {int(k): str(v) for k, v in raw.items()}
+        if fmt == "sparta":
+            from jaxsparse.convert.sparta import grow_for_adapter
+
+            model = grow_for_adapter(model, d)  # tokens the adapter added to the vocabulary
         adapter = load_adapter(d, model=model)
         merged = model.__class__(model.config, apply(model.params, adapter), model.apply_fn, model.task)
         method = {"peft_shira": "shira", "peft_lora": "lora", "sparta": "sparta"}[fmt]
@@ -174,13 +178,21 @@ class SequenceClassifier:
     def _tokenizer(adapter_dir: Path, base_path: str | None) -> Any:
         from jaxsparse.models import load_tokenizer
 
+        from jaxsparse.models.hub import pad_with_eos
+
         if (adapter_dir / "tokenizer_config.json").is_file():
-            return load_tokenizer(adapter_dir)
-        if base_path is None:
+            tokenizer = load_tokenizer(adapter_dir)
+        elif base_path is None:
             raise AdapterLoadError(
                 f"{adapter_dir}: no tokenizer saved beside the adapter and no base model named"
             )
-        return load_tokenizer(base_path)
+        else:
+            tokenizer = load_tokenizer(base_path)
+        try:
+            pad_with_eos(tokenizer)  # batches need a pad token; training padded with EOS too
+        except ValueError as e:
+            raise AdapterLoadError(f"{adapter_dir}: {e}") from None
+        return tokenizer
 
     @property
     def id2label(self) -> dict[int, str]:

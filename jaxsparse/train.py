@@ -24,6 +24,13 @@ this spine imports no method; all run traced under ``jit`` with static shapes):
 - ``after_update(adapter, step) -> adapter``: after the update, outside the gradient, with
   ``step`` the number of completed steps (pruning schedules, accumulated statistics); it may
   change trainable values (re-zero pruned entries) and non-trainable fields alike.
+- ``record_probes(adapter, probe_grads, step) -> adapter``: for statistics computed *inside* the
+  forward pass (a linear layer returns only its output). A delta class may name ``probe_fields``
+  (beside ``trainable_fields``): non-trainable leaves the step also differentiates, whose
+  cotangent a custom VJP in the forward sets to the statistic (rank-sparse LoRA's per-component
+  contextual scores, :mod:`jaxsparse.rank_sparse`). Their gradients never reach the optimizer; the
+  hook receives them (``{"deltas": {path: {field: array}}}``) after the update, before
+  ``after_update``, with ``step`` the number of completed steps.
 
 ``factored=True`` (for models of :mod:`jaxsparse.models`) hands ``apply_model`` params whose
 targeted kernels carry their deltas beside the frozen weight (:mod:`jaxsparse.factored`): LoRA runs
@@ -132,9 +139,11 @@ def make_loss(
     gradient is a tree shaped like ``delta.trainable(adapter)``; ``params`` stay constants.
     """
 
-    def adapter_loss(trainable, adapter, params, batch, rng):
+    def adapter_loss(trainable, adapter, params, batch, rng, probes=None):
         params = jax.lax.stop_gradient(params)
         adapter = delta_lib.with_trainable(adapter, trainable)
+        if probes is not None:
+            adapter = _with_probes(adapter, probes)
         view = getattr(adapter.config, "forward_view", None)
         if view is not None and rng is not None:
             adapter = view(adapter, rng)
@@ -194,18 +203,28 @@ def make_train_step(
         apply_model, loss_fn, takes_rng=takes_rng, factored=factored, sampled_max_density=sampled_max_density
     )
     grad_fn = jax.value_and_grad(adapter_loss, has_aux=True)
+    probe_grad_fn = jax.value_and_grad(adapter_loss, argnums=(0, 5), has_aux=True)
 
     def step(state: TrainState, params: PyTree, batch: Any) -> tuple[TrainState, dict[str, Array]]:
         rng, step_rng = jax.random.split(state.rng)
         trainable = delta_lib.trainable(state.adapter)
         config = state.adapter.config
-        (loss, metrics), grads = grad_fn(trainable, state.adapter, params, batch, step_rng)
+        record = getattr(config, "record_probes", None)
+        probes = _probes(state.adapter) if record is not None else None
+        if probes:
+            (loss, metrics), (grads, probe_grads) = probe_grad_fn(
+                trainable, state.adapter, params, batch, step_rng, probes
+            )
+        else:
+            (loss, metrics), grads = grad_fn(trainable, state.adapter, params, batch, step_rng)
         constrain = getattr(config, "constrain_grads", None)
         if constrain is not None:
             grads = constrain(state.adapter, grads, state.step)
         updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         adapter = delta_lib.with_trainable(state.adapter, trainable)
+        if probes:
+            adapter = record(adapter, probe_grads, state.step + 1)
         after = getattr(config, "after_update", None)
         if after is not None:
             adapter = after(adapter, state.step + 1)
@@ -219,6 +238,23 @@ def make_train_step(
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=(0,)) if jit else step
+
+
+def _probes(adapter: Adapter) -> dict[str, Any]:
+    """The adapter's probe leaves (``probe_fields`` of its delta classes): ``{"deltas": {path: {field: array}}}``."""
+    found = {
+        p: {f: getattr(d, f) for f in getattr(type(d), "probe_fields", ())}
+        for p, d in adapter.deltas.items()
+        if getattr(type(d), "probe_fields", ())
+    }
+    return {"deltas": found} if found else {}
+
+
+def _with_probes(adapter: Adapter, probes: Mapping[str, Any]) -> Adapter:
+    deltas = dict(adapter.deltas)
+    for p, fields in probes["deltas"].items():
+        deltas[p] = dataclasses.replace(deltas[p], **fields)
+    return dataclasses.replace(adapter, deltas=deltas)
 
 
 def make_eval_step(

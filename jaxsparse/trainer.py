@@ -69,6 +69,7 @@ from jaxsparse import tree as tree_lib
 from jaxsparse.checkpoint import Checkpointer
 from jaxsparse.config import Config, ConfigError
 from jaxsparse.methods import registry
+from jaxsparse.methods.sparta import SpartaBudgetError
 
 PyTree = Any
 
@@ -123,6 +124,77 @@ class Progress:
         )
 
 
+@dataclasses.dataclass
+class EarlyStopping:
+    """``train.patience``: the held-out evaluations so far, the best adapter by held-out loss, and
+    whether to stop. An evaluation improves when its loss is below the best by more than
+    ``min_delta``; ``patience`` evaluations in a row without one stop the run. The evaluation
+    before training (step 0) counts, so an adapter that never beats the untrained one is not kept.
+    Travels in the checkpoints (``to_extra`` in the metadata, ``best_trainable`` beside the state).
+
+    Example:
+        >>> from jaxsparse.delta import Adapter
+        >>> stop, adapter = EarlyStopping(patience=2, min_delta=0.01), Adapter({}, dense={"w": jnp.zeros(2)})
+        >>> [stop.update(s, {"loss": x}, adapter) for s, x in [(0, 0.7), (10, 0.5), (20, 0.495), (30, 0.6)]]
+        [False, False, False, True]
+        >>> stop.best_step, stop.best_metrics
+        (10, {'loss': 0.5})
+    """
+
+    patience: int
+    min_delta: float = 0.0
+    best_loss: float = math.inf
+    best_step: int | None = None
+    best_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    last_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    bad_evals: int = 0  # evaluations since the last improvement
+    stopped_at: int | None = None
+    best_trainable: PyTree = None  # delta.trainable of the best adapter (device arrays, a copy)
+
+    def update(self, step: int, metrics: dict[str, float], adapter: delta_lib.Adapter) -> bool:
+        """Record the evaluation of ``adapter`` at ``step``; whether the run must stop now."""
+        self.last_metrics = dict(metrics)
+        loss = float(metrics["loss"])
+        if math.isfinite(loss) and loss < self.best_loss - self.min_delta:
+            self.best_loss, self.best_step, self.best_metrics = loss, step, dict(metrics)
+            # A copy: the step donates the state's buffers, the adapter's among them.
+            self.best_trainable = jax.tree.map(jnp.copy, delta_lib.trainable(adapter))
+            self.bad_evals = 0
+        else:
+            self.bad_evals += 1
+        return self.bad_evals >= self.patience
+
+    def to_extra(self) -> dict[str, Any]:
+        """The JSON part (checkpoint metadata); the best adapter's arrays are saved beside the state."""
+        return {
+            "early_stopping": {
+                "best_loss": self.best_loss,
+                "best_step": self.best_step,
+                "best_metrics": self.best_metrics,
+                "last_metrics": self.last_metrics,
+                "bad_evals": self.bad_evals,
+                "stopped_at": self.stopped_at,
+            }
+        }
+
+    @classmethod
+    def from_extra(
+        cls, patience: int, min_delta: float, extra: dict[str, Any], best_trainable: PyTree
+    ) -> EarlyStopping:
+        saved = extra.get("early_stopping") or {}
+        return cls(
+            patience=patience,
+            min_delta=min_delta,
+            best_loss=float(saved.get("best_loss", math.inf)),
+            best_step=saved.get("best_step"),
+            best_metrics=dict(saved.get("best_metrics") or {}),
+            last_metrics=dict(saved.get("last_metrics") or {}),
+            bad_evals=int(saved.get("bad_evals", 0)),
+            stopped_at=saved.get("stopped_at"),
+            best_trainable=best_trainable,
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class RunResult:
     """What a finished run produced."""
@@ -140,6 +212,10 @@ class RunResult:
     segments: int = 1  # 1 + the number of times the run was resumed
     skipped_steps: int = 0  # steps train.on_nonfinite=skip skipped
     warnings: tuple[str, ...] = ()
+    # train.patience: the step the saved adapter (the best by held-out loss) comes from, and the
+    # step the run stopped at (None: it ran all train.steps).
+    best_step: int | None = None
+    stopped_at: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +230,8 @@ class Prepared:
     tokenizer: Any
     # task masked_lm: how training batches are masked (the held-out split is masked once, in ``eval``).
     masking: mlm_lib.MaskingConfig | None = None
+    # adapter.quantization_aware: the GPTQ base's grids (module -> QuantizedWeight), see qa_base.
+    grids: dict[str, Any] | None = None
 
 
 # ----------------------------------------------------------------------------- building
@@ -269,12 +347,25 @@ def method_config(cfg: Config) -> Any:
     common = {
         "target_modules": a.target_modules,
         "exclude_modules": a.exclude_modules,
-        "modules_to_save": a.modules_to_save if cfg.task == "seq_cls" else None,
+        "modules_to_save": _modules_to_save(cfg),
         # PEFT has no task type for masked LM: its adapters record none (the base class instead).
         "task_type": {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}.get(cfg.task),
         "base_model_name_or_path": cfg.model.path,
     }
     return registry.get(cfg.method).config_from(config_lib.flatten(cfg), **common)
+
+
+def _modules_to_save(cfg: Config) -> list[str] | None:
+    """``adapter.modules_to_save`` where the task has such modules: the classifier head of seq_cls
+    (the default), and for masked_lm what the user names (e.g. ``[cls.predictions.transform]``,
+    the MLM head's transform, trained densely and exported in PEFT's ``modules_to_save``); the
+    default ``[classifier]`` names no module of an MLM, so it means none there."""
+    wanted = cfg.adapter.modules_to_save
+    if cfg.task == "seq_cls":
+        return wanted
+    if cfg.task == "masked_lm" and wanted and list(wanted) != ["classifier"]:
+        return wanted
+    return None
 
 
 def full_finetune_adapter(params: PyTree) -> delta_lib.Adapter:
@@ -287,14 +378,44 @@ def full_finetune_adapter(params: PyTree) -> delta_lib.Adapter:
     return delta_lib.Adapter(deltas={}, dense=dense, config=None)
 
 
-def build_adapter(cfg: Config, params: PyTree) -> delta_lib.Adapter:
-    """Initialise the configured method's adapter over ``params`` (deterministic in ``cfg.seed``).
+def qa_base(cfg: Config, model: Any, label_names: tuple[str, ...]) -> tuple[Any, dict[str, Any]]:
+    """QA-SparsePEFT's base (``adapter.quantization_aware``), as SQFT builds it: ``model`` (the GPTQ
+    ``model.path``, loaded dequantized) with the targeted kernels replaced by those of the
+    non-quantized sparse ``model.non_quant_path``, and the GPTQ grids of ``model.path``."""
+    from jaxsparse.methods.lora import target_modules_of
+    from jaxsparse.quant.qa_base import read_grids, with_non_quant_kernels
+
+    non_quant_path = cfg.model.non_quant_path
+    try:
+        _, grids = read_grids(config_lib.resolve_model_path(cfg.model.path), what="'model.path'")
+        non_quant = load_model(
+            dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=non_quant_path)), label_names
+        )
+        modules = target_modules_of(model.params, method_config(cfg))
+        params = with_non_quant_kernels(
+            model.params,
+            non_quant.params,
+            modules,
+            gptq=f"'model.path' = {cfg.model.path!r}",
+            non_quant=f"'model.non_quant_path' = {non_quant_path!r}",
+        )
+    except (ValueError, tree_lib.TargetError) as e:
+        raise ConfigError(str(e)) from None
+    return dataclasses.replace(model, params=params), grids
+
+
+def build_adapter(cfg: Config, params: PyTree, grids: dict[str, Any] | None = None) -> delta_lib.Adapter:
+    """Initialise the configured method's adapter over ``params`` (deterministic in ``cfg.seed``);
+    ``grids``: the GPTQ grids of a quantization-aware adapter (:func:`qa_base`).
 
     A target specification that does not fit the model is a :class:`ConfigError` naming the keys."""
     if cfg.method == config_lib.FULL_FINETUNE:
         return full_finetune_adapter(params)
+    extra = {} if grids is None else {"grids": grids}
     try:
-        return registry.get(cfg.method).init(params, method_config(cfg), jax.random.key(cfg.seed))
+        return registry.get(cfg.method).init(params, method_config(cfg), jax.random.key(cfg.seed), **extra)
+    except SpartaBudgetError as e:
+        raise ConfigError(f"{e.key!r}: {e}") from None
     except tree_lib.TargetError as e:
         a = cfg.adapter
         raise ConfigError(
@@ -323,12 +444,15 @@ def prepare(cfg: Config, *, model: Any = None, tokenizer: Any = None) -> Prepare
         eval_ds = eval_ds.select(range(min(d.max_eval_examples, len(eval_ds))))
     if tokenizer is None:
         tokenizer = load_tokenizer(config_lib.resolve_model_path(cfg.model.path))
+    new_token_ids = add_new_tokens(cfg, tokenizer)
     masking = None
+    padded_with_eos = False
     if cfg.task == "seq_cls":
         if len(text.label_names) < 2:
             raise ConfigError(
                 f"'data.label_column': classification needs >= 2 classes, found {list(text.label_names)}"
             )
+        padded_with_eos = pad_with_eos(cfg, tokenizer)
         train = data_lib.tokenize_classification(train_ds, tokenizer, d.max_length)
         ev = data_lib.tokenize_classification(eval_ds, tokenizer, d.max_length)
     elif cfg.task == "masked_lm":
@@ -353,42 +477,115 @@ def prepare(cfg: Config, *, model: Any = None, tokenizer: Any = None) -> Prepare
             ev = {k: v[: d.max_eval_examples] for k, v in ev.items()}
     if model is None:
         model = load_model(cfg, text.label_names)
-    adapter = build_adapter(cfg, model.params)
-    return Prepared(model, adapter, train, ev, text.label_names, tokenizer, masking)
+    if new_token_ids:
+        model = grow_embeddings(cfg, model, new_token_ids)
+    if cfg.task == "seq_cls" and padded_with_eos:
+        model = with_pad_token_id(cfg, model, tokenizer.pad_token_id)
+    cfg = with_token_ids(cfg, tokenizer)
+    grids = None
+    if cfg.adapter.quantization_aware:
+        model, grids = qa_base(cfg, model, text.label_names)
+    adapter = build_adapter(cfg, model.params, grids)
+    return Prepared(model, adapter, train, ev, text.label_names, tokenizer, masking, grids)
+
+
+def pad_with_eos(cfg: Config, tokenizer: Any) -> bool:
+    """Pad classification batches with EOS when the tokenizer has no pad token (GPT-2, SmolLM2):
+    what transformers users do. Returns whether it did (the model's ``pad_token_id`` follows)."""
+    from jaxsparse.models.hub import pad_with_eos as pad_tokenizer
+
+    try:
+        return pad_tokenizer(tokenizer)
+    except ValueError as e:
+        raise ConfigError(f"'model.path' = {cfg.model.path!r}: {e}") from None
+
+
+def with_pad_token_id(cfg: Config, model: Any, pad_token_id: int) -> Any:
+    """``model`` with ``config.pad_token_id`` set where it has none, so a decoder classifier pools each
+    row's last token that is not padding, as transformers' ``*ForSequenceClassification`` does with
+    ``model.config.pad_token_id = tokenizer.pad_token_id``; the saved ``config.json`` carries it, so
+    transformers loads the export and takes batches. A model whose config names a pad id keeps it."""
+    from jaxsparse import models
+
+    if not hasattr(model.config, "pad_token_id") or model.config.pad_token_id is not None:
+        return model
+    config = copy.deepcopy(model.config)
+    config.pad_token_id = int(pad_token_id)
+    apply_fn, _ = models.architecture(model.model_type).build(config, model.task, getattr(jnp, cfg.model.dtype))
+    return dataclasses.replace(model, config=config, apply_fn=apply_fn)
+
+
+def add_new_tokens(cfg: Config, tokenizer: Any) -> list[int]:
+    """The ids of ``model.new_tokens``, added to ``tokenizer`` (special tokens, never split)."""
+    from jaxsparse.models import new_tokens
+
+    if not cfg.model.new_tokens:
+        return []
+    try:
+        return new_tokens.add_tokens(tokenizer, cfg.model.new_tokens)
+    except new_tokens.NewTokensError as e:
+        raise ConfigError(f"'model.new_tokens': {e}") from None
+
+
+def grow_embeddings(cfg: Config, model: Any, ids: list[int]) -> Any:
+    """``model`` with rows for the new token ``ids``, initialised as the SpaRTA authors' trainer does:
+    scaled normal for classifiers, transformers' mean resizing for language models."""
+    from jaxsparse.models import new_tokens
+
+    rows = int(np.shape(tree_lib.get_leaf(model.params, new_tokens.embedding_path(model.params)))[0])
+    if ids[0] != rows:
+        raise ConfigError(
+            f"'model.new_tokens': the tokenizer gives the new tokens ids {ids[0]}..{ids[-1]}, but the model's "
+            f"embedding has {rows} rows: new tokens need a tokenizer exactly as long as the embedding"
+        )
+    init = "normal" if cfg.task == "seq_cls" else "mean"
+    model, _ = new_tokens.resize_token_embeddings(model, len(ids), init=init, seed=cfg.seed)
+    return model
+
+
+def with_token_ids(cfg: Config, tokenizer: Any) -> Config:
+    """``cfg`` with the token strings of ``adapter.trainable_tokens`` replaced by their ids."""
+    tokens = cfg.adapter.trainable_tokens
+    if not tokens or all(isinstance(t, int) for t in tokens):
+        return cfg
+    vocab = tokenizer.get_vocab()
+    unknown = [t for t in tokens if isinstance(t, str) and t not in vocab]
+    if unknown:
+        raise ConfigError(
+            f"'adapter.trainable_tokens': {unknown} are not tokens of the tokenizer (add them with model.new_tokens)"
+        )
+    ids = [t if isinstance(t, int) else int(vocab[t]) for t in tokens]
+    return dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, trainable_tokens=ids))
 
 
 def make_optimizer(t: config_lib.TrainConfig) -> optax.GradientTransformation:
     """AdamW/Adam/SGD with warmup + constant/linear/cosine decay, optional clipping, and a separate
-    learning rate for dense leaves (the head) when ``head_learning_rate`` is set."""
+    learning rate for dense leaves (the head) when ``head_learning_rate`` is set.
 
-    warmup = config_lib.warmup_steps(t)
+    The linear and cosine schedules decay to ``lr_min`` (the SpaRTA authors' floor; 0 by default),
+    the head's to the same fraction ``lr_min / learning_rate`` of its own peak.
 
-    def schedule(peak: float) -> optax.Schedule:
-        decay_steps = max(t.steps - warmup, 1)
-        if t.schedule == "constant":
-            decay = optax.constant_schedule(peak)
-        elif t.schedule == "linear":
-            decay = optax.linear_schedule(peak, 0.0, decay_steps)
-        else:
-            decay = optax.cosine_decay_schedule(peak, decay_steps)
-        if warmup == 0:
-            return decay
-        warm = optax.linear_schedule(0.0, peak, warmup)
-        return optax.join_schedules([warm, decay], [warmup])
+    Example:
+        >>> t = config_lib.TrainConfig(steps=10, warmup_steps=0, learning_rate=1e-3, lr_min=1e-4)
+        >>> opt = make_optimizer(t)
+        >>> [round(float(learning_rate(t)(s)), 6) for s in (0, 5, 10)]
+        [0.001, 0.00055, 0.0001]
+    """
+    lr = learning_rate(t)
+    head_lr = None if t.head_learning_rate is None else learning_rate(t, t.head_learning_rate)
 
-    def base(peak: float) -> optax.GradientTransformation:
-        lr = schedule(peak)
+    def base(schedule: optax.Schedule) -> optax.GradientTransformation:
         if t.optimizer == "adamw":
-            return optax.adamw(lr, weight_decay=t.weight_decay)
+            return optax.adamw(schedule, weight_decay=t.weight_decay)
         if t.optimizer == "adam":
-            return optax.adam(lr)
-        return optax.sgd(lr)
+            return optax.adam(schedule)
+        return optax.sgd(schedule)
 
-    if t.head_learning_rate is None:
-        opt = base(t.learning_rate)
+    if head_lr is None:
+        opt = base(lr)
     else:
         opt = optax.multi_transform(
-            {"deltas": base(t.learning_rate), "dense": base(t.head_learning_rate)},
+            {"deltas": base(lr), "dense": base(head_lr)},
             lambda tree: {
                 "deltas": jax.tree.map(lambda _: "deltas", tree["deltas"]),
                 "dense": jax.tree.map(lambda _: "dense", tree["dense"]),
@@ -402,6 +599,29 @@ def make_optimizer(t: config_lib.TrainConfig) -> optax.GradientTransformation:
         # which stops before the (max_consecutive_skips + 1)-th, the one apply_if_finite would let through.
         opt = optax.apply_if_finite(opt, max_consecutive_errors=t.max_consecutive_skips)
     return opt
+
+
+def learning_rate(t: config_lib.TrainConfig, peak: float | None = None) -> optax.Schedule:
+    """The learning rate at each step for a peak rate (default ``t.learning_rate``): a linear warm-up
+    from 0, then constant, or linear/cosine decay to ``peak * lr_min / learning_rate`` at the last step."""
+    peak = t.learning_rate if peak is None else peak
+    warmup = config_lib.warmup_steps(t)
+    floor = peak * t.lr_min / t.learning_rate
+
+    def schedule(peak: float) -> optax.Schedule:
+        decay_steps = max(t.steps - warmup, 1)
+        if t.schedule == "constant":
+            decay = optax.constant_schedule(peak)
+        elif t.schedule == "linear":
+            decay = optax.linear_schedule(peak, floor, decay_steps)
+        else:
+            decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=floor / peak if peak else 0.0)
+        if warmup == 0:
+            return decay
+        warm = optax.linear_schedule(0.0, peak, warmup)
+        return optax.join_schedules([warm, decay], [warmup])
+
+    return schedule(peak)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -425,33 +645,113 @@ def causal_lm_nll(
     return (nll * mask).sum(), mask.sum()
 
 
-def model_fn(model: Any, *, dropout: bool = False) -> Callable[..., jax.Array]:
+def model_fn(model: Any, *, dropout: bool = False, remat: bool = False) -> Callable[..., jax.Array]:
     """``apply_model(params, batch) -> logits`` for :mod:`jaxsparse.train`; with ``dropout``,
-    ``apply_model(params, batch, rng)`` with the model's dropout on (``takes_rng=True``)."""
+    ``apply_model(params, batch, rng)`` with the model's dropout on (``takes_rng=True``); with
+    ``remat``, every transformer block under ``jax.checkpoint`` (:func:`jaxsparse.models.layers.remat_blocks`,
+    entered here, inside the traced function)."""
+    from jaxsparse.models import layers
+
     if dropout:
 
         def apply_model_dropout(params: PyTree, batch: dict[str, jax.Array], rng: jax.Array) -> jax.Array:
-            return model.apply_fn(params, batch["input_ids"], batch["attention_mask"], dropout_rng=rng)
+            with layers.remat_blocks(remat):
+                return model.apply_fn(params, batch["input_ids"], batch["attention_mask"], dropout_rng=rng)
 
         return apply_model_dropout
 
     def apply_model(params: PyTree, batch: dict[str, jax.Array]) -> jax.Array:
-        return model.apply_fn(params, batch["input_ids"], batch["attention_mask"])
+        with layers.remat_blocks(remat):
+            return model.apply_fn(params, batch["input_ids"], batch["attention_mask"])
 
     return apply_model
 
 
+def uses_dropout(t: config_lib.TrainConfig) -> bool:
+    """Whether training steps draw dropout masks: ``train.dropout``, or a non-zero ``train.attention_dropout``."""
+    return t.dropout or bool(t.attention_dropout)
+
+
 def check_dropout(cfg: Config, model: Any) -> None:
-    """``train.dropout`` needs a model whose architecture implements dropout."""
+    """``train.dropout`` and ``train.attention_dropout`` need a model whose architecture implements dropout."""
     from jaxsparse import models
 
+    t = cfg.train
     arch = models.ARCHITECTURES.get(model.model_type)
-    if cfg.train.dropout and not (arch is not None and arch.dropout):
+    if uses_dropout(t) and not (arch is not None and arch.dropout):
         supported = sorted(m for m, a in models.ARCHITECTURES.items() if a.dropout)
-        raise ConfigError(
-            f"'train.dropout' = true: model_type {model.model_type!r} has no dropout in jaxsparse; "
-            f"supported: {supported} (or set train.dropout=false)"
+        key = (
+            "'train.dropout' = true" if t.dropout else f"'train.attention_dropout' = {t.attention_dropout:g}"
         )
+        raise ConfigError(
+            f"{key}: model_type {model.model_type!r} has no dropout in jaxsparse; "
+            f"supported: {supported} (or set train.dropout=false, train.attention_dropout=null)"
+        )
+
+
+# The model config keys of the attention-probability dropout rate (BERT's; Llama's and DistilBERT's),
+# and of the other dropout sites, which train.attention_dropout alone (without train.dropout) turns off.
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
+OTHER_DROPOUT_KEYS = (
+    "hidden_dropout_prob",
+    "classifier_dropout",
+    "dropout",
+    "seq_classif_dropout",
+    "resid_pdrop",
+    "embd_pdrop",
+)
+
+
+def training_model(cfg: Config, model: Any) -> Any:
+    """The model the train and eval steps run: ``model`` itself, or (``train.precision: bfloat16``)
+    the same architecture computing in bfloat16 over its floating-point weights cast to bfloat16,
+    and/or (``train.attention_dropout``) with the config's attention dropout rate replaced (the
+    other dropout sites at zero unless ``train.dropout``). The loaded ``model`` is left as it was
+    (saving and export use it).
+
+    Example:
+        >>> import transformers
+        >>> from jaxsparse.models import init_params
+        >>> tiny = init_params(transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1), task="causal_lm")
+        >>> cfg = config_lib.load_config(None, ["train.precision=bfloat16"], check_paths=False)
+        >>> m = training_model(cfg, tiny)
+        >>> m.params["lm_head"]["kernel"].dtype, m(jnp.array([[1, 2]])).dtype
+        (dtype(bfloat16), dtype(bfloat16))
+    """
+    t = cfg.train
+    if t.precision == "float32" and t.attention_dropout is None:
+        return model
+    from jaxsparse import models
+
+    config = copy.deepcopy(model.config)
+    if t.attention_dropout is not None:
+        for key in ATTENTION_DROPOUT_KEYS:
+            if hasattr(config, key):
+                setattr(config, key, float(t.attention_dropout))
+        if not t.dropout:
+            for key in OTHER_DROPOUT_KEYS:
+                if getattr(config, key, None):
+                    setattr(config, key, 0.0)
+    params = model.params
+    dtype = getattr(jnp, cfg.model.dtype)
+    if t.precision == "bfloat16":
+        dtype = jnp.bfloat16
+        params = jax.tree.map(
+            lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+        )
+    apply_fn, _ = models.architecture(model.model_type).build(config, model.task, dtype)
+    return dataclasses.replace(model, config=config, params=params, apply_fn=apply_fn)
+
+
+def float32_trainable(adapter: delta_lib.Adapter) -> delta_lib.Adapter:
+    """``adapter`` with its floating-point trainable leaves in float32 (the master copy that
+    ``train.precision: bfloat16`` keeps, with float32 gradients and optimizer state)."""
+    leaves = jax.tree.map(
+        lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+        delta_lib.trainable(adapter),
+    )
+    return delta_lib.with_trainable(adapter, leaves)
 
 
 def train_loss_fn(task: str) -> Callable[[jax.Array, dict[str, jax.Array]], jax.Array]:
@@ -567,6 +867,12 @@ def evaluate_adapter(cfg: Config, adapter_dir: str | os.PathLike) -> dict[str, A
         adapter = full_finetune_adapter(models.from_pretrained(adapter_dir, task=cfg.task).params)
     else:
         adapter = load_adapter(adapter_dir, model=model)
+        if prepared.grids is not None:
+            from jaxsparse.quant.qa_delta import with_grids
+
+            # A QA adapter runs on the GPTQ grid, masked by the non-quantized base's zeros.
+            sparse = bool(getattr(adapter.config, "sparse_adapter", False))
+            adapter = with_grids(adapter, prepared.grids, mask_base=sparse, source=str(adapter_dir))
     eval_step = make_eval_step(model, cfg.task)
     run = functools.partial(
         evaluate,
@@ -696,7 +1002,9 @@ class _StopSignals:
 
 
 # Keys that may change between an interrupted run and its resumption without changing the result
-# (the mesh changes where arrays live, not what is computed: a run may resume on other devices).
+# (the mesh changes where arrays live, not what is computed: a run may resume on other devices;
+# remat recomputes the same activations in the backward pass instead of keeping them, so a run
+# may resume with gradient checkpointing turned on or off to fit another memory budget).
 RESUME_FREE_KEYS = frozenset(
     {
         "output",
@@ -707,6 +1015,7 @@ RESUME_FREE_KEYS = frozenset(
         "train.keep_checkpoints",
         "train.mesh",
         "train.adapter_sharding",
+        "train.remat",
     }
 )
 
@@ -733,8 +1042,12 @@ def config_hash(record: dict[str, Any]) -> str:
 
 
 def _differing(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    # A key added since the checkpoint was written is read at its default (what that run used).
+    defaults = json.loads(json.dumps(config_lib.flatten(Config()), default=str))
     return sorted(
-        k for k in set(saved) | set(now) if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k)
+        k
+        for k in set(saved) | set(now)
+        if k not in RESUME_FREE_KEYS and saved.get(k, defaults.get(k)) != now.get(k, defaults.get(k))
     )
 
 
@@ -967,6 +1280,7 @@ class Run:
     previous: Path | None = None  # the run --overwrite replaces, until this one has finished
     progress: Progress = dataclasses.field(default_factory=Progress)  # from the earlier segments
     started: float = dataclasses.field(default_factory=time.time)  # when this segment started
+    stopping: EarlyStopping | None = None  # train.patience: the best adapter so far and the count
 
     def checkpoint_extra(self, window: list[float], recent: Any) -> dict[str, Any]:
         """The metadata every checkpoint carries: the config it was written under (its hash and
@@ -980,6 +1294,7 @@ class Run:
             "window_losses": list(window),
             "recent_losses": list(recent),
             "skipped_steps": self.progress.skipped_steps,
+            **({} if self.stopping is None else self.stopping.to_extra()),
         }
 
     @property
@@ -1043,8 +1358,11 @@ def setup_run(
         t = cfg.train
         optimizer = make_optimizer(t)
         adapter = prepared.adapter
+        run_model = training_model(cfg, prepared.model)
+        if t.precision == "bfloat16":
+            adapter = float32_trainable(adapter)
         state = train_lib.init_train_state(adapter, optimizer, cfg.seed)
-        base_params = prepared.model.params
+        base_params = run_model.params
         state_shardings = None
         if mesh is not None:
             state, base_params, state_shardings = place_on_mesh(state, base_params, mesh, t.adapter_sharding)
@@ -1061,10 +1379,12 @@ def setup_run(
         ckpt = Checkpointer(ckpt_dir, save_every=t.checkpoint_every, keep=t.keep_checkpoints)
         start_step = 0
         progress = Progress()
+        stopping = None if t.patience is None else EarlyStopping(t.patience, t.min_delta)
         if mode == "resume":
             # Restored into the template's shardings: a run may resume on another device count.
             # A newer checkpoint that does not read back whole is named and left on disk.
-            restored, skipped = ckpt.restore_newest_readable(state)
+            best_template = None if stopping is None else delta_lib.trainable(state.adapter)
+            restored, skipped = ckpt.restore_newest_readable(state, best_template)
             for bad, why in skipped:
                 log(
                     f"--resume: skipped checkpoint step {bad} in {ckpt_dir}: it does not read back whole "
@@ -1073,6 +1393,8 @@ def setup_run(
             _check_checkpoint_config(cfg, restored.extra, f"{ckpt_dir} step {restored.step}", force, log)
             state, start_step = restored.state, restored.step
             progress = Progress.from_extra(restored.extra)
+            if stopping is not None:
+                stopping = EarlyStopping.from_extra(t.patience, t.min_delta, restored.extra, restored.aux)
             log(f"resumed from step {start_step} ({ckpt_dir})")
         if primary:
             config_lib.save_config(cfg, config_path)
@@ -1082,11 +1404,15 @@ def setup_run(
             out / "metrics.jsonl", start_step or None, enabled=primary, final_step=t.steps
         )
 
-        train_step, evaluate_fn = make_steps(cfg, prepared, optimizer, base_params, mesh, state_shardings)
+        train_step, evaluate_fn = make_steps(
+            cfg, prepared, optimizer, base_params, mesh, state_shardings, model=run_model
+        )
         if start_step == 0:
             initial = evaluate_fn(state.adapter)
             metrics_log.write({"split": "eval", "step": 0, **initial})
             log(f"before training: {_fmt(initial)}")
+            if stopping is not None:
+                stopping.update(0, initial, state.adapter)
         else:
             initial = _initial_eval(out / "metrics.jsonl")
     except BaseException:
@@ -1110,6 +1436,7 @@ def setup_run(
         log=log,
         previous=previous,
         progress=progress,
+        stopping=stopping,
     )
 
 
@@ -1120,16 +1447,19 @@ def make_steps(
     base_params: PyTree,
     mesh: jax.sharding.Mesh | None = None,
     state_shardings: Any = None,
+    model: Any = None,
 ) -> tuple[Callable, Callable[[delta_lib.Adapter], dict[str, float]]]:
     """``(train_step, evaluate)``: the jitted step ``(state, base_params, batch) -> (state, metrics)``
     and ``evaluate(adapter) -> metrics`` over the held-out split. On a mesh the step keeps the
-    state in ``state_shardings`` and returns replicated metrics."""
+    state in ``state_shardings`` and returns replicated metrics. ``model`` is the one the steps run
+    (default: :func:`training_model` of ``prepared.model``; ``base_params`` are its params)."""
     t = cfg.train
+    model = training_model(cfg, prepared.model) if model is None else model
     train_step = train_lib.make_train_step(
-        model_fn(prepared.model, dropout=t.dropout),
+        model_fn(model, dropout=uses_dropout(t), remat=t.remat),
         train_loss_fn(cfg.task),
         optimizer,
-        takes_rng=t.dropout,
+        takes_rng=uses_dropout(t),
         factored=True,
         sampled_max_density=t.sampled_grad_max_density,
         jit=mesh is None,
@@ -1141,7 +1471,7 @@ def make_steps(
         )
     evaluate_fn = functools.partial(
         evaluate,
-        make_eval_step(prepared.model, cfg.task, mesh),
+        make_eval_step(model, cfg.task, mesh),
         base_params=base_params,
         arrays=prepared.eval,
         task=cfg.task,
@@ -1189,8 +1519,12 @@ def run_steps(run: Run, on_step: Callable[[int, float], None] | None = None) -> 
     progress = run.progress
     running: list[float] = list(progress.window_losses)
     recent: collections.deque[float] = collections.deque(progress.recent_losses, maxlen=SPIKE_WINDOW)
+    stopping = run.stopping
+    steps = range(run.start_step + 1, t.steps + 1)
+    if stopping is not None and stopping.stopped_at is not None:
+        steps = range(0)  # resumed after it stopped early: nothing left to train
     with run.checkpointer as ckpt, _StopSignals() as stop:
-        for step in range(run.start_step + 1, t.steps + 1):
+        for step in steps:
             batch = next(batches)
             if run.prepared.masking is not None:
                 # masked_lm: the masking is a function of (seed, batch index) like the batch itself,
@@ -1217,20 +1551,36 @@ def run_steps(run: Run, on_step: Callable[[int, float], None] | None = None) -> 
                     record["skipped_steps"] = progress.skipped_steps
                 run.metrics_log.write(record)
                 running = []
+            stop_early = False
             if step % t.eval_every == 0 and step != t.steps:
                 ev = run.evaluate(state.adapter)
                 run.metrics_log.write({"split": "eval", "step": step, **ev})
                 if bar is not None:
                     bar.write(f"step {step}: {_fmt(ev)}")
+                if stopping is not None and stopping.update(step, ev, state.adapter):
+                    stopping.stopped_at, stop_early = step, True
+                    if running:  # the open logging window ends here
+                        run.metrics_log.write(
+                            {"split": "train", "step": step, "loss": float(np.mean(running))}
+                        )
+                        running = []
+                    run.log(
+                        f"early stopping at step {step}: no held-out loss improvement by more than "
+                        f"{t.min_delta:g} in {t.patience} evaluations (train.patience); the best is "
+                        f"step {stopping.best_step}, loss {stopping.best_loss:.4f}"
+                    )
             extra = run.checkpoint_extra(running, recent)
-            ckpt.save(state, batch_index=step, force=step == t.steps, extra=extra)
+            best = None if stopping is None else stopping.best_trainable
+            ckpt.save(state, batch_index=step, force=step == t.steps or stop_early, extra=extra, aux=best)
             # Every process of a multi-host run reaches the same preemption sync point at the same
             # step (orbax's own check), so all of them save that step together.
             if stop.received is not None or _reached_preemption_sync_point(step):
-                ckpt.save(state, batch_index=step, force=True, extra=extra)
+                ckpt.save(state, batch_index=step, force=True, extra=extra, aux=best)
                 if bar is not None:
                     bar.close()
                 raise TrainingInterrupted(step, str(run.checkpoint_dir))
+            if stop_early:
+                break
     if bar is not None:
         bar.close()
     return state
@@ -1310,8 +1660,23 @@ def finalize(run: Run, state: train_lib.TrainState, seconds: float) -> RunResult
     ``results.json`` (written by the first process only)."""
     cfg, out = run.cfg, run.out
     trained = state.adapter if run.mesh is None else sharding_lib.gather(state.adapter, run.mesh)
-    final = run.evaluate(trained)
-    run.metrics_log.write({"split": "eval", "step": cfg.train.steps, **final})
+    stopping = run.stopping
+    if stopping is not None and stopping.stopped_at is not None:
+        last = stopping.last_metrics  # evaluated (and logged) at the step it stopped
+    else:
+        last = run.evaluate(trained)
+        run.metrics_log.write({"split": "eval", "step": cfg.train.steps, **last})
+        if stopping is not None:
+            stopping.update(cfg.train.steps, last, trained)
+    final = last
+    if stopping is not None and stopping.best_trainable is not None:
+        # The adapter saved is the best by held-out loss, and its metrics are the run's result.
+        best = stopping.best_trainable
+        if run.mesh is not None:
+            best = sharding_lib.gather(best, run.mesh)
+        trained = delta_lib.with_trainable(trained, best)
+        final = stopping.best_metrics
+    steps_run = cfg.train.steps if stopping is None or stopping.stopped_at is None else stopping.stopped_at
     total_seconds = run.progress.train_seconds + seconds
     segments = run.progress.segments + 1
     warnings = divergence_warnings(cfg, run.initial, final, run.progress.skipped_steps)
@@ -1339,6 +1704,16 @@ def finalize(run: Run, state: train_lib.TrainState, seconds: float) -> RunResult
             "skipped_steps": run.progress.skipped_steps,
             "warnings": list(warnings),
         }
+        if stopping is not None:
+            summary["early_stopping"] = {
+                "patience": cfg.train.patience,
+                "min_delta": cfg.train.min_delta,
+                "metric": "loss",  # held-out loss, lower is better
+                "best_step": stopping.best_step,
+                "stopped_at": stopping.stopped_at,
+                "last": last,  # the metrics of the last step's adapter (not saved unless it is the best)
+            }
+            summary["steps"] = steps_run
         results_path = out / "results.json"
         tmp = results_path.with_name(f".{results_path.name}.tmp{os.getpid()}")
         tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
@@ -1350,13 +1725,15 @@ def finalize(run: Run, state: train_lib.TrainState, seconds: float) -> RunResult
         str(metrics_path),
         run.initial or {},
         final,
-        cfg.train.steps,
+        steps_run,
         run.num_trainable,
         total_seconds,
         trained,
         segments,
         run.progress.skipped_steps,
         tuple(warnings),
+        best_step=None if stopping is None else stopping.best_step,
+        stopped_at=None if stopping is None else stopping.stopped_at,
     )
 
 

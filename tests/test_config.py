@@ -34,7 +34,10 @@ def test_overrides_coerce_types():
         ("train.steps=ten", "'train.steps' must be int, got 'ten'"),
         ("train.steps=2.5", "'train.steps' must be int"),
         ("train.progress=3", "'train.progress' must be bool"),
-        ("method=lora2", "allowed values: ['lora', 'shira', 'sparta', 'sqft', 'full']"),
+        (
+            "method=lora2",
+            "allowed values: ['lora', 'rank_sparse_lora', 'shira', 'sparse_lora', 'sparta', 'sqft', 'full']",
+        ),
         ("train.optimizer=lion", "'train.optimizer' = 'lion' is not allowed"),
         ("adapter.density=1.5", "'adapter.density' must be in (0, 1]"),
         ("train.sampled_grad_max_density=-0.1", "'train.sampled_grad_max_density' must be in [0, 1]"),

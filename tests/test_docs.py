@@ -14,6 +14,8 @@ MARKDOWN = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs
 # What a file's blocks must print, so a block that silently does nothing fails.
 EXPECTED_OUTPUT = {
     "docs/training_api.md": ["[5, 10]", "factored SpaRTA loss", "peft_shira peft_shira", "SHIRA"],
+    "docs/rank_sparse_lora.md": ["components with a gradient: 6 of 64 ( k = 6 )", "importance sums to 1.0"],
+    "docs/sqft.md": ["on the grid: True", "zeros kept: True"],
 }
 # Files whose blocks load the real offline assets (SmolLM2 GGUF, MiniLM).
 REAL = {"docs/models.md", "docs/models_decoders.md", "README.md"}

@@ -25,6 +25,7 @@ VERB_MODULES = (
     "eval",
     "info",
     "classify",
+    "generate",
     "export",
     "import_adapter",
     "merge",

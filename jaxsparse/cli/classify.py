@@ -12,9 +12,17 @@ config). Prints one line per sentence: the predicted label, its probability, and
 (its first 80 characters and "…" when longer). An empty or whitespace-only sentence is refused
 (exit 2); blank lines read from stdin are skipped.
 
+--adapter may be repeated to compare adapters: every sentence is then classified once by each
+adapter, all in one batch where each row runs its own adapter (no merging, see jaxsparse.serve).
+The adapters must share one base model and their classifier heads the same number of labels (each
+keeps its own label names). Each line then starts with the adapter directory as given (a tab
+before the label), sentences in input order and, within a sentence, adapters in --adapter order;
+--json adds an "adapter" key.
+
 examples:
   jaxsparse classify --adapter runs/default/adapter "A gorgeous, witty film." "Dull and lifeless."
   echo "An unexpected delight." | jaxsparse classify --adapter runs/default/adapter -
+  jaxsparse classify --adapter runs/shira/adapter --adapter runs/sparta/adapter "A gorgeous, witty film."
 """
 
 
@@ -26,7 +34,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--adapter", required=True, metavar="DIR", help="adapter directory written by `jaxsparse train`"
+        "--adapter",
+        required=True,
+        action="append",
+        metavar="DIR",
+        help="adapter directory written by `jaxsparse train`; repeat to classify with several adapters",
     )
     p.add_argument("--model", metavar="PATH", help="base model (path or asset name) if not the adapter's own")
     p.add_argument(
@@ -70,25 +82,101 @@ def run(args: argparse.Namespace) -> int:
         )
     if not sentences:
         raise ValueError("no sentences to classify (stdin held only blank lines)")
+    if len(args.adapter) > 1:
+        return _run_many(args, sentences)
     from jaxsparse.inference import SequenceClassifier
 
     # A bad adapter or model is one line on stderr and exit 2, via jaxsparse.cli.main.
-    clf = SequenceClassifier.from_adapter(args.adapter, args.model)
-    probs = clf.classify(sentences)
-    labels = clf.labels
-    for sentence, row in zip(sentences, probs, strict=True):
-        best = int(row.argmax())
-        if args.json:
-            print(
-                json.dumps(
-                    {
-                        "text": echo(sentence),
-                        "chars": len(sentence),
-                        "label": labels[best],
-                        "probabilities": {lab: float(p) for lab, p in zip(labels, row, strict=True)},
-                    }
-                )
-            )
-        else:
-            print(f"{labels[best]}\t{row[best]:.3f}\t{echo(sentence)}")
+    clf = SequenceClassifier.from_adapter(args.adapter[0], args.model)
+    for sentence, row in zip(sentences, clf.classify(sentences), strict=True):
+        _print_row(args, None, clf.labels, sentence, row)
+    return 0
+
+
+def _print_row(args: argparse.Namespace, adapter: str | None, labels: list[str], sentence: str, row) -> None:
+    best = int(row.argmax())
+    if args.json:
+        record = {"adapter": adapter} if adapter is not None else {}
+        record |= {
+            "text": echo(sentence),
+            "chars": len(sentence),
+            "label": labels[best],
+            "probabilities": {lab: float(p) for lab, p in zip(labels, row, strict=True)},
+        }
+        print(json.dumps(record))
+    else:
+        prefix = "" if adapter is None else f"{adapter}\t"
+        print(f"{prefix}{labels[best]}\t{row[best]:.3f}\t{echo(sentence)}")
+
+
+# Rows (sentence, adapter) per forward pass, and the sequence length buckets (as SequenceClassifier).
+BATCH_ROWS = 32
+MAX_LENGTH = 128
+
+
+def _run_many(args: argparse.Namespace, sentences: list[str]) -> int:
+    """Each sentence once per adapter, every row with its own adapter, in batches of
+    :data:`BATCH_ROWS` rows (one compiled program)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxsparse import models, serve
+    from jaxsparse.cli.serving import base_model_path, check_adapter_dirs, load_served, shared_tokenizer
+    from jaxsparse.inference import AdapterLoadError, adapter_labels
+
+    dirs = list(args.adapter)
+    check_adapter_dirs(dirs)
+    labels_of = {}
+    for d in dirs:
+        id2label = adapter_labels(d)
+        if not id2label:
+            raise AdapterLoadError(f"{d}: config.json has no id2label; not a classification adapter")
+        labels_of[d] = [id2label[i] for i in sorted(id2label)]
+    counts = {d: len(v) for d, v in labels_of.items()}
+    if len(set(counts.values())) > 1:
+        first = dirs[0]
+        other = next(d for d in dirs if counts[d] != counts[first])
+        raise serve.ServeError(
+            f"classifier heads of different sizes cannot share one batch: {first} has {counts[first]} "
+            f"labels, {other} has {counts[other]}; classify with them in separate calls"
+        )
+    base_path = base_model_path(dirs, args.model)
+    tokenizer = shared_tokenizer(dirs, base_path)
+    first_labels = dict(enumerate(labels_of[dirs[0]]))
+    model = models.from_pretrained(
+        base_path, task="seq_cls", num_labels=len(first_labels), id2label=first_labels
+    )
+    served = load_served(dirs, model)
+    apply_fn = model.apply_fn
+
+    @jax.jit
+    def forward(params, bank, rows, ids, mask):
+        logits = apply_fn(serve.per_row_params(params, bank, rows), ids, mask)
+        return jax.nn.softmax(logits.astype(jnp.float32), -1)
+
+    enc = tokenizer(sentences, truncation=True, max_length=MAX_LENGTH, padding="longest", return_tensors="np")
+    length = min(MAX_LENGTH, -(-enc["input_ids"].shape[1] // 16) * 16)
+    row_sentence = np.repeat(np.arange(len(sentences)), len(dirs))
+    row_adapter = np.tile(np.arange(len(dirs)), len(sentences))
+    total = len(row_sentence)
+    size = BATCH_ROWS if total > BATCH_ROWS else max(1, 1 << (total - 1).bit_length())
+    pad_id = tokenizer.pad_token_id or 0
+    probs = []
+    for start in range(0, total, size):
+        chunk = np.arange(start, min(start + size, total))
+        ids = np.full((size, length), pad_id, np.int32)
+        mask = np.zeros((size, length), np.int32)
+        adapter_rows = np.full(size, -1, np.int32)  # padding rows run the base model
+        ids[: len(chunk), : enc["input_ids"].shape[1]] = enc["input_ids"][row_sentence[chunk]]
+        mask[: len(chunk), : enc["input_ids"].shape[1]] = enc["attention_mask"][row_sentence[chunk]]
+        mask[len(chunk) :, 0] = 1  # padding rows attend to one token (no all-masked softmax)
+        adapter_rows[: len(chunk)] = row_adapter[chunk]
+        out = forward(
+            served.params, served.bank, jnp.asarray(adapter_rows), jnp.asarray(ids), jnp.asarray(mask)
+        )
+        probs.extend(np.asarray(out)[: len(chunk)])
+    for r, row in enumerate(probs):
+        d = dirs[row_adapter[r]]
+        _print_row(args, d, labels_of[d], sentences[row_sentence[r]], row)
     return 0

@@ -162,6 +162,8 @@ def adapter_hints(adapter_dir: str) -> dict[str, Any]:
         ):
             hints["task"] = "seq_cls"
             hints["id2label"] = raw.get("id2label")
+        elif any(a.endswith("ForMaskedLM") for a in architectures):
+            hints["task"] = "masked_lm"  # the MLM heads, also on an encoder-only base checkpoint
         return hints
     raw = read_json(os.path.join(adapter_dir, "adapter_config.json"))
     hints["base"] = raw.get("base_model_name_or_path")
@@ -234,6 +236,10 @@ def load_base_for_adapter(
             f"{adapter_dir}: the adapter was made for a {wanted!r} model, but {model_path} is a "
             f"{model.model_type!r} model"
         )
+    if hints["format"] == "sparta":
+        from jaxsparse.convert.sparta import grow_for_adapter
+
+        model = grow_for_adapter(model, adapter_dir)  # tokens the adapter added to the vocabulary
     return model, hints
 
 

@@ -17,6 +17,11 @@ Export an adapter for PyTorch users.
                    peft.PeftModel.from_pretrained loads it). PEFT SHiRA supports nn.Linear only, so
                    sparse deltas on GPT-2 Conv1D layers are refused (use --format sparta).
   --format sparta  sparse adapters in the SpaRTA authors' layout (config.json + sparse_deltas.safetensors).
+  --retain-ratio R with --format peft, for a rank-sparse LoRA (method: rank_sparse_lora): keep the top
+                   ceil(R * r) rank components of each module by the importance accumulated in
+                   training (rank_importance.safetensors) and write a standard PEFT LoRA of those
+                   ranks (rank_pattern / alpha_pattern where modules differ; each kept component's
+                   scale unchanged); prints the size before and after.
 
 The base model (--model, or the local path the adapter records) gives the weight shapes of PEFT
 SHiRA and SpaRTA files other tools wrote, and makes a SpaRTA config.json complete (the base's
@@ -28,6 +33,7 @@ nothing else); it appears complete or not at all.
 examples:
   jaxsparse export --adapter runs/shira/adapter --format peft --output exported/peft
   jaxsparse export --adapter runs/sparta/adapter --format sparta --model path/to/hf-model --output exported/sparta
+  jaxsparse export --adapter runs/rank_sparse/adapter --format peft --retain-ratio 0.15 --output exported/pruned
 """
 
 
@@ -52,6 +58,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="MODEL",
         help="base model (local HF directory or .gguf); default: the one the adapter records "
         "(never needed for a PEFT LoRA adapter)",
+    )
+    p.add_argument(
+        "--retain-ratio",
+        type=float,
+        metavar="R",
+        help="rank-sparse LoRA only: keep the top ceil(R * r) components per module by accumulated "
+        "importance, R in (0, 1] (default: keep everything)",
     )
     p.set_defaults(func=run)
 
@@ -132,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
     from jaxsparse.cli.common import describe, load_base_for_adapter
 
     check_output_dir(args.output, overwrite=args.overwrite)  # before any model is loaded
+    if getattr(args, "retain_ratio", None) is not None:
+        return export_pruned(args)
     from jaxsparse.adapter_io import adapter_format, load_adapter, save_adapter
     from jaxsparse.convert.peft import save_peft
     from jaxsparse.delta import LowRankDelta
@@ -159,6 +174,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         if any(isinstance(d, LowRankDelta) for d in adapter.deltas.values()):
             raise ValueError(f"{args.adapter}: {LORA_NOT_SPARSE}")
+        tokenizer = None
+        if any(
+            os.path.isfile(os.path.join(args.adapter, f"new_embeddings_init.{ext}"))
+            for ext in ("safetensors", "pt")
+        ):
+            # Tokens were added: the authors' classifier loader reads the tokenizer beside the adapter.
+            from jaxsparse.models import load_tokenizer
+
+            tokenizer = load_tokenizer(args.adapter)
         # The authors' loaders open sparta_pretrained_model with transformers' from_pretrained:
         # record the absolute local path of the base we loaded, not an asset name.
         written = save_adapter(
@@ -169,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
             fan_in_fan_out=fan_in_fan_out,
             base_model_name_or_path=model_path,
             overwrite=args.overwrite,
+            tokenizer=tokenizer,
         )
         if model_path is not None and model_path.endswith(".gguf"):
             print(
@@ -203,4 +228,38 @@ def export_lora_without_base(args: argparse.Namespace) -> int:
     base_class = (raw.get("auto_mapping") or {}).get("base_model_class")
     save_peft_lora(adapter, args.output, base_model_class=base_class, overwrite=args.overwrite)
     print(f"exported {describe(adapter)} as peft_lora -> {args.output}")
+    return 0
+
+
+def export_pruned(args: argparse.Namespace) -> int:
+    """``export --retain-ratio``: a rank-sparse LoRA's top components per module by accumulated
+    importance, as a standard PEFT LoRA (:func:`jaxsparse.methods.rank_sparse_lora.save_pruned_checkpoint`)."""
+    from jaxsparse.adapter_io import adapter_format, load_adapter
+    from jaxsparse.cli.common import describe
+    from jaxsparse.convert import read_json
+    from jaxsparse.convert.peft_lora import CONFIG_NAME
+    from jaxsparse.methods import rank_sparse_lora as rsl
+
+    if args.format != "peft":
+        raise ValueError("--retain-ratio writes a PEFT LoRA adapter: use --format peft")
+    rsl.check_retain_ratio(args.retain_ratio, "--retain-ratio")
+    if adapter_format(args.adapter) != "peft_lora":
+        raise ValueError(
+            f"{args.adapter}: --retain-ratio needs a rank-sparse LoRA adapter (a PEFT LoRA directory)"
+        )
+    importance = rsl.read_importance(args.adapter)
+    adapter = load_adapter(args.adapter, params=lora_params_from_file(args.adapter))
+    adapter = rsl.with_importance(adapter, importance)
+    raw = read_json(os.path.join(args.adapter, CONFIG_NAME))
+    base_class = (raw.get("auto_mapping") or {}).get("base_model_class")
+    sizes = rsl.save_pruned_checkpoint(
+        adapter, args.output, args.retain_ratio, base_model_class=base_class, overwrite=args.overwrite
+    )
+    pruned = load_adapter(args.output, params=lora_params_from_file(args.output))
+    print(
+        f"kept the top {args.retain_ratio:g} of each module's rank components: {sizes['params_before']:,} -> "
+        f"{sizes['params_after']:,} LoRA values, adapter_model.safetensors {sizes['bytes_before'] / 1e6:.2f} MB -> "
+        f"{sizes['bytes_after'] / 1e6:.2f} MB ({sizes['bytes_after'] / sizes['bytes_before']:.1%})"
+    )
+    print(f"exported {describe(pruned)} as peft_lora -> {args.output}")
     return 0

@@ -193,6 +193,8 @@ def adapter_info(adapter_dir: str | os.PathLike) -> dict[str, Any]:
                     }
                 )
         info["target_modules"] = sorted({layer["module"].rpartition(".")[2] for layer in layers})
+        # All the model's parameters, recorded by our export: the SpaRTA authors' sparsity needs it.
+        info["total_parameters"] = cfg.get("jaxsparse_num_parameters")
     elif (d / "model.safetensors").is_file():
         shapes, _ = _headers(d / "model.safetensors")
         cfg = _read_json(d / "config.json") if (d / "config.json").is_file() else {}
@@ -223,9 +225,30 @@ def adapter_info(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     else:
         info["density"] = None
     info["trainable"] = info["k_total"] + sum(dense.values())
+    if info.get("format") == "peft" and any("rank" in layer for layer in layers):
+        # LoRA factors are small: read them to count the entries a pruned (sparse) LoRA keeps.
+        info["nonzero"] = _lora_nonzero(d / "adapter_model.safetensors")
+    if info.get("total_parameters"):
+        info["sparsity"] = 1.0 - info["trainable"] / info["total_parameters"]
     if (d / "config.json").is_file():
         info["id2label"] = _read_json(d / "config.json").get("id2label")
     return info
+
+
+def _lora_nonzero(path: Path) -> int:
+    """Non-zero entries of every ``lora_A`` / ``lora_B`` factor in a PEFT LoRA safetensors file."""
+    import numpy as np
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return sum(
+                int(np.count_nonzero(f.get_tensor(k)))
+                for k in f.keys()  # noqa: SIM118
+                if k.endswith((".lora_A.weight", ".lora_B.weight"))
+            )
+    except Exception as e:  # safetensors raises several types for a bad file
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def _size(n: int) -> str:
@@ -269,6 +292,16 @@ def format_info(info: dict[str, Any]) -> str:
     if info["dense"]:
         lines.append(f"dense:        {', '.join(f'{n} ({c:,})' for n, c in info['dense'].items())}")
     lines.append(f"trainable:    {info['trainable']:,} parameters")
+    if info.get("nonzero") is not None and info["k_total"]:
+        pruned = 1 - info["nonzero"] / info["k_total"]
+        lines.append(
+            f"non-zero:     {info['nonzero']:,} of {info['k_total']:,} factor entries ({pruned:.2%} pruned)"
+        )
+    if info.get("sparsity") is not None:
+        lines.append(
+            f"sparsity:     {info['sparsity']:.4%} of all {info['total_parameters']:,} parameters frozen "
+            "(the SpaRTA authors' 1 - trainable/total)"
+        )
     lines.append(f"size on disk: {_size(info['size_bytes'])}")
     lines.append("k per layer:")
     width = max((len(layer["module"]) for layer in info["layers"]), default=0)

@@ -17,8 +17,15 @@ merged checkpoint is full precision). A sequence-classification adapter gives a
 *ForSequenceClassification checkpoint with its head. --output must be a new or empty directory
 (--overwrite replaces a previous jaxsparse output, nothing else); it appears complete or not at all.
 
+SQFT adapters: a "sparse_adapter" one keeps MODEL's zeros (the update is masked by them); a
+"quantization_aware" (QA-SparsePEFT) one takes the GPTQ MODEL plus --non-quant-model, the
+non-quantized sparse model it was quantized from (SQFT's merge arguments), and writes a GPTQ
+checkpoint: each adapted layer is quantize(W + masked update) on MODEL's own grid (scales, zeros,
+g_idx unchanged), the other layers MODEL's, so the result is sparse and INT-k.
+
 examples:
   jaxsparse merge --model path/to/hf-model --adapter runs/shira/adapter --output merged/
+  jaxsparse merge --model runs/gptq --non-quant-model runs/sparse --adapter runs/sqft_qa/adapter --output merged/
   jaxsparse merge --model SmolLM2-135M-Instruct.Q4_1.gguf --adapter runs/sparta/adapter --output merged/
   jaxsparse merge --model big-model/ --adapter runs/shira/adapter --output merged/ --max-shard-size 5GB
 """
@@ -35,6 +42,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--model", required=True, metavar="MODEL", help="base model: a local HF directory or a .gguf file"
     )
     p.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory")
+    p.add_argument(
+        "--non-quant-model",
+        metavar="DIR",
+        help="for a quantization_aware (QA-SparsePEFT) adapter: the non-quantized sparse model the GPTQ "
+        "--model was quantized from (its weights are what the update is added to before rounding)",
+    )
     add_output_args(p, what="where to write the merged checkpoint")
     p.add_argument(
         "--max-shard-size",
@@ -58,6 +71,12 @@ def run(args: argparse.Namespace) -> int:
     # A bad size or output fails before any model is loaded.
     parse_size(args.max_shard_size)
     check_output_dir(args.output, overwrite=args.overwrite)
+    if _quantization_aware(args.adapter):
+        return _merge_quantization_aware(args)
+    if args.non_quant_model is not None:
+        raise ValueError(
+            f"--non-quant-model is only for a quantization_aware (QA-SparsePEFT) adapter; {args.adapter} is not one"
+        )
     model, _ = load_base_for_adapter(args.model, args.adapter, verb="merge")
     adapter = load_adapter(args.adapter, model=model)
     merged_params, _ = merge.merge(model.params, adapter)
@@ -74,4 +93,80 @@ def run(args: argparse.Namespace) -> int:
             tokenizer.save_pretrained(tmp)
     note = "" if tokenizer is not None else " (the base model has no tokenizer to copy)"
     print(f"merged {describe(adapter)} into {args.model} -> {args.output}{note}", file=sys.stdout)
+    return 0
+
+
+def _quantization_aware(adapter_dir: str) -> bool:
+    """Whether ``adapter_dir`` is a PEFT LoRA directory whose config carries SQFT's
+    ``"quantization_aware": true`` (other formats and unreadable configs: no; loading reports those)."""
+    import json
+    import os
+
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("peft_type") == "LORA" and raw.get("quantization_aware") is True
+
+
+def _merge_quantization_aware(args: argparse.Namespace) -> int:
+    """QA-SparsePEFT's merge (SQFT's ``utils/merge.py`` with ``--non_quant_base_model_path``): a GPTQ
+    checkpoint whose adapted layers hold ``quantize(W + masked update)`` on the GPTQ base's grid."""
+    from jaxsparse.adapter_io import load_adapter
+    from jaxsparse.atomic import atomic_dir
+    from jaxsparse.cli.common import describe, load_base_for_adapter
+    from jaxsparse.convert.peft_lora import lora_config_from_peft, read_adapter_config
+    from jaxsparse.methods import sqft
+    from jaxsparse.models import load_tokenizer
+    from jaxsparse.quant.qa_base import gptq_config, read_grids
+    from jaxsparse.quant.save import save_gptq
+
+    if args.non_quant_model is None:
+        raise ValueError(
+            f"{args.adapter} is a quantization_aware (QA-SparsePEFT) adapter: pass --non-quant-model, the "
+            "non-quantized sparse model the GPTQ --model was quantized from (SQFT's --non_quant_base_model_path)"
+        )
+    if gptq_config(args.non_quant_model) is not None:
+        raise ValueError(
+            f"--non-quant-model {args.non_quant_model} is a GPTQ checkpoint; it must be the non-quantized "
+            "sparse model the GPTQ --model was quantized from"
+        )
+    qconfig, base_layers = read_grids(args.model, what="--model")
+    config = lora_config_from_peft(read_adapter_config(args.adapter), source=args.adapter)
+    model, _ = load_base_for_adapter(args.model, args.adapter, verb="merge")
+    non_quant, _ = load_base_for_adapter(args.non_quant_model, args.adapter, verb="merge")
+    params = sqft.qa_base_params(
+        model.params,
+        non_quant.params,
+        config,
+        gptq=f"--model {args.model}",
+        non_quant=f"--non-quant-model {args.non_quant_model}",
+    )
+    adapter = load_adapter(args.adapter, model=dataclasses.replace(model, params=params))
+    adapter = sqft.with_qa_grids(adapter, base_layers, source=args.adapter)
+    layers = sqft.merged_gptq_layers(params, adapter, base_layers)
+    try:
+        tokenizer = load_tokenizer(args.model)
+    except (OSError, ValueError, TypeError, KeyError):
+        tokenizer = None
+    meta = qconfig.get("meta") if isinstance(qconfig.get("meta"), dict) else {}
+    with atomic_dir(args.output, overwrite=args.overwrite, verb="merge") as tmp:
+        save_gptq(
+            model,
+            layers,
+            tmp,
+            desc_act=bool(qconfig.get("desc_act", False)),
+            damp_percent=float(qconfig.get("damp_percent", 0.01)),
+            checkpoint_format=qconfig.get("checkpoint_format") or "gptq",
+            method=str(meta.get("method", "gptq")),
+        )
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    print(
+        f"merged {describe(adapter)} into {args.model} on its GPTQ grid ({len(adapter.deltas)} of "
+        f"{len(layers)} quantized layers re-quantized from {args.non_quant_model}) -> {args.output}",
+        file=sys.stdout,
+    )
     return 0

@@ -375,8 +375,14 @@ def save_peft_lora(
                 f"{path}: rank {delta.rank} / scale {delta.scale} disagree with the config "
                 f"(r={r}, scaling={config.scaling(module)}); PEFT would apply a different update"
             )
+    # A method may keep state PEFT has no field for in files of its own beside PEFT's (which PEFT
+    # ignores): the config's optional peft_extra_files(adapter) -> {file name: bytes}.
+    extra_files = getattr(config, "peft_extra_files", None)
+    extra = dict(extra_files(adapter)) if extra_files is not None else {}
     data = write_safetensors_bytes(lora_state_dict(adapter, fan_in_fan_out=fan_in_fan_out), {"format": "pt"})
     with atomic_dir(out_dir, overwrite=overwrite, format="peft_lora") as tmp:
+        for name, content in sorted(extra.items()):
+            atomic_write_bytes(os.path.join(tmp, name), content)
         atomic_write_text(
             os.path.join(tmp, CONFIG_NAME),
             json.dumps(
@@ -490,11 +496,14 @@ def load_peft_lora(
             f"bias={config.bias!r}"
         )
     adapter = Adapter(deltas=deltas, dense=dense, config=config)
-    if getattr(config, "sparse_adapter", False) and not any(
-        isinstance(leaves[p], jax.ShapeDtypeStruct) for p in deltas
-    ):
-        # SparsePEFT: the update is masked by this base's zeros (with abstract params there are none yet).
-        adapter = sqft.with_base_masks(adapter, params, source=f"{cfg_path}: sparse_adapter")
+    if getattr(config, "sparse_adapter", False):
+        if any(isinstance(leaves[p], jax.ShapeDtypeStruct) for p in deltas):
+            # Shape-only params have no zeros yet: each delta takes the mask of the weight it is
+            # applied or merged into, so a later merge cannot silently drop the sparsity.
+            adapter = sqft.mask_at_apply(adapter)
+        else:
+            # SparsePEFT: the update is masked by this base's zeros.
+            adapter = sqft.with_base_masks(adapter, params, source=f"{cfg_path}: sparse_adapter")
     return adapter
 
 

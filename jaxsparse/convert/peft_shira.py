@@ -174,12 +174,22 @@ def _module_list(value: Any) -> list[str] | str | None:
     return sorted(value)
 
 
-def peft_shira_config(adapter: Adapter, *, base_model_name_or_path: str | None = None) -> dict[str, Any]:
+def peft_shira_config(
+    adapter: Adapter, *, base_model_name_or_path: str | None = None, base_model_class: str | None = None
+) -> dict[str, Any]:
     """The ``adapter_config.json`` PEFT writes for this adapter (same keys, same value types).
 
-    ``adapter`` must already have PEFT's layout (:func:`to_shira_layout`).
+    ``adapter`` must already have PEFT's layout (:func:`to_shira_layout`). Without a ``task_type``
+    PEFT records the model's class in ``auto_mapping`` (``base_model_class``, else the config's).
     """
+    from jaxsparse.convert.peft_lora import _parent_library
+
     config = adapter.config if isinstance(adapter.config, ShiraConfig) else ShiraConfig()
+    task_type = config.task_type
+    base_class = base_model_class or config.base_model_class
+    auto_mapping = None
+    if base_class and task_type is None:
+        auto_mapping = {"base_model_class": base_class, "parent_library": _parent_library(base_class)}
     modules = sorted({tree_lib.module_of(p) for p in adapter.deltas})
     # PEFT has no exclude_modules for SHiRA and its default target differs from ours: when the
     # user's names alone would not reproduce our selection, list the adapted modules explicitly.
@@ -190,7 +200,7 @@ def peft_shira_config(adapter: Adapter, *, base_model_name_or_path: str | None =
     if modules_to_save is None and adapter.dense:
         modules_to_save = sorted({tree_lib.module_of(p) for p in adapter.dense})
     return {
-        "auto_mapping": None,
+        "auto_mapping": auto_mapping,
         "base_model_name_or_path": base_model_name_or_path or config.base_model_name_or_path,
         "fan_in_fan_out": bool(config.fan_in_fan_out),
         "inference_mode": True,
@@ -203,7 +213,7 @@ def peft_shira_config(adapter: Adapter, *, base_model_name_or_path: str | None =
         "random_seed": config.random_seed,
         "revision": None,
         "target_modules": _module_list(targets),
-        "task_type": config.task_type,
+        "task_type": task_type,
     }
 
 
@@ -235,6 +245,7 @@ def save_peft_shira(
     base_model_name_or_path: str | None = None,
     fan_in_fan_out: Sequence[str] = (),
     overwrite: bool = False,
+    base_model_class: str | None = None,
 ) -> None:
     """Write ``adapter`` as a PEFT SHiRA directory (``PeftModel.from_pretrained`` loads it).
 
@@ -244,10 +255,13 @@ def save_peft_shira(
     anything is written. ``fan_in_fan_out``: the base model's modules stored (in, out) in Hugging
     Face (``Model.fan_in_fan_out``). The directory appears complete or not at all; an existing
     non-empty one is refused unless ``overwrite`` and it is a previous jaxsparse output
-    (see :func:`jaxsparse.atomic.atomic_dir`).
+    (see :func:`jaxsparse.atomic.atomic_dir`). ``base_model_class`` (e.g. ``"BertForMaskedLM"``)
+    fills PEFT's ``auto_mapping`` for an adapter without a ``task_type``, as PEFT does.
     """
     adapter = to_shira_layout(adapter, fan_in_fan_out=fan_in_fan_out)
-    config = peft_shira_config(adapter, base_model_name_or_path=base_model_name_or_path)
+    config = peft_shira_config(
+        adapter, base_model_name_or_path=base_model_name_or_path, base_model_class=base_model_class
+    )
     tensors, layout = shira_state_dict(adapter, fan_in_fan_out=fan_in_fan_out)
     data = write_safetensors_bytes(tensors, layout_metadata(layout))
     with atomic_dir(out_dir, overwrite=overwrite, format="peft_shira") as tmp:
@@ -274,6 +288,15 @@ def shira_config_from_peft(raw: dict[str, Any], where: str) -> ShiraConfig:
     )
     check_field_types(raw, _FIELD_KINDS, where)
     kwargs = {f: raw[f] for f in fields if f in raw}
+    auto_mapping = raw.get("auto_mapping")
+    if auto_mapping is not None:
+        base_class = auto_mapping.get("base_model_class") if isinstance(auto_mapping, dict) else None
+        if not isinstance(base_class, str):
+            raise AdapterFormatError(
+                f"{where}: 'auto_mapping' must be null or an object with a 'base_model_class' string, "
+                f"got {auto_mapping!r}"
+            )
+        kwargs["base_model_class"] = base_class
     return ShiraConfig(r=r, **kwargs)
 
 

@@ -18,11 +18,25 @@ tested by loading our files with it (``tests/convert/test_sparta.py``):
   deltas as ``head_init.safetensors`` (key ``head``) or, in older adapters, ``head_init.pt``: the head
   is ``head_init + deltas["score.weight"].view(num_labels, hidden)``.
 
+- Tokens added to the vocabulary: ``new_embeddings_init.safetensors`` (key ``new_embeddings``, shape
+  (added, hidden)) or ``new_embeddings_init.pt`` (a plain tensor, what their trainer writes) holds the
+  new embedding rows' initial values, which the authors' classifier loader appends to the base's
+  embedding before merging the deltas (the embedding's deltas are over them); the tokenizer (with the
+  new tokens) is saved beside the adapter, where that loader looks first. We write the ``.pt`` when
+  torch is installed: their loader opens the ``.safetensors`` spelling with a ``torch.device``, which
+  safetensors >= 0.8 refuses. Their causal-LM loader reads neither (it cannot load an adapter with new
+  tokens: it merges into the base's vocabulary only).
+
 Our additions, ignored by the authors' code: ``sparta_modules_to_save`` in ``config.json`` lists the
 parameters trained densely (their delta is over a zero initial value unless a head init exists;
 we write ``head_init.safetensors`` zeros for ``score.weight``, so the authors' classifier loader gets
 the exact head and export needs no torch); ``jaxsparse_sparta_config`` holds our :class:`SpartaConfig`; the
-safetensors metadata records each weight's shape so our files load without the base model.
+safetensors metadata records each weight's shape so our files load without the base model;
+``jaxsparse_new_tokens`` (in ``config.json``) counts the added tokens, and an untied ``lm_head``'s
+new rows go to ``new_lm_head_init.safetensors`` (key ``new_lm_head``, (added, hidden)), so
+:func:`grow_for_adapter` rebuilds the resized base from the original one. Under the authors'
+``sparsity`` the head trains as a delta over its random initial value; the export writes it as the
+full trained head (``initial + delta``, over a ``head_init`` of zeros), which needs ``params``.
 
 Example:
     >>> import tempfile, jax.numpy as jnp
@@ -70,8 +84,9 @@ from jaxsparse.convert import (
     write_safetensors_bytes,
 )
 from jaxsparse.delta import Adapter, SparseDelta
-from jaxsparse.methods.sparta import SpartaConfig
+from jaxsparse.methods.sparta import CLASSIFIER_HEADS, SpartaConfig, heads_as_dense
 from jaxsparse.models import naming
+from jaxsparse.models.new_tokens import ADDED_TOKENS_KEY, embedding_path, with_new_rows
 
 PyTree = Any
 CONFIG_NAME = "config.json"
@@ -84,14 +99,35 @@ HEAD_NAME = "score.weight"
 BASE_KEY = "sparta_pretrained_model"
 DENSE_KEY = "sparta_modules_to_save"
 CONFIG_KEY = "jaxsparse_sparta_config"
-_CONFIG_FIELDS = ("density", "target_modules", "exclude_modules", "modules_to_save", "seed", "task_type")
+NUM_PARAMETERS_KEY = "jaxsparse_num_parameters"
+NEW_EMBEDDINGS_NAME = "new_embeddings_init.safetensors"
+NEW_EMBEDDINGS_KEY = "new_embeddings"
+NEW_EMBEDDINGS_PICKLE = "new_embeddings_init.pt"
+NEW_LM_HEAD_NAME = "new_lm_head_init.safetensors"
+NEW_LM_HEAD_KEY = "new_lm_head"
+_CONFIG_FIELDS = (
+    "density",
+    "target_modules",
+    "exclude_modules",
+    "modules_to_save",
+    "seed",
+    "task_type",
+    "sparsity",
+    "frozen_modules",
+    "trainable_tokens",
+    "dropout",
+)
+# trainable_tokens (a list of ints) is checked by SpartaConfig itself.
 _CONFIG_KINDS = {
-    "density": "number",
+    "density": "number|null",
     "target_modules": NAMES,
     "exclude_modules": NAMES,
     "modules_to_save": NAME_LIST,
     "seed": "int",
     "task_type": "str|null",
+    "sparsity": "number|null",
+    "frozen_modules": NAME_LIST,
+    "dropout": "number",
 }
 
 
@@ -157,8 +193,9 @@ def save_sparta(
     params: PyTree | None = None,
     fan_in_fan_out: Sequence[str] = (),
     overwrite: bool = False,
+    tokenizer: Any = None,
 ) -> None:
-    """Write ``adapter`` as a SpaRTA adapter directory.
+    """Write ``adapter`` as a SpaRTA adapter directory (with ``tokenizer`` saved inside, if given).
 
     ``hf_config`` (a transformers config or its dict) is copied into ``config.json`` as the authors
     do; ``params`` adds the empty entries for untouched parameters. The directory appears complete or
@@ -166,8 +203,19 @@ def save_sparta(
     jaxsparse output (see :func:`jaxsparse.atomic.atomic_dir`).
     """
     config = adapter.config
+    if isinstance(config, SpartaConfig) and config.sparsity is not None:
+        if params is None:
+            if any(p.split(".", 1)[0] in CLASSIFIER_HEADS for p in adapter.deltas):
+                raise ValueError(
+                    "a SpaRTA adapter trained with sparsity holds its head as a delta over the model's "
+                    "initial head: pass params (or the model) to export it"
+                )
+        else:
+            adapter = heads_as_dense(adapter, params)
     tensors, layout, dense_names = sparta_tensors(adapter, params=params, fan_in_fan_out=fan_in_fan_out)
     out = _config_dict(hf_config)
+    added = int(out.get(ADDED_TOKENS_KEY) or 0)
+    new_rows = _new_token_rows(params, added) if added else {}
     base = (
         base_model_name_or_path
         or getattr(config, "base_model_name_or_path", None)
@@ -178,6 +226,8 @@ def save_sparta(
         base = os.path.abspath(base)
     out[BASE_KEY] = base
     out[DENSE_KEY] = dense_names
+    if params is not None:
+        out[NUM_PARAMETERS_KEY] = sum(int(np.prod(s)) for s in param_shapes(params).values())
     if isinstance(config, SpartaConfig):
         out[CONFIG_KEY] = {f: _jsonable(getattr(config, f)) for f in _CONFIG_FIELDS}
         if config.task_type == "SEQ_CLS":
@@ -192,6 +242,88 @@ def save_sparta(
             shape = tuple(int(s) for s in tensors[f"indices.{HEAD_NAME}"].max(axis=0) + 1)
             head = write_safetensors_bytes({HEAD_INIT_KEY: np.zeros(shape, np.float32)}, {"format": "pt"})
             atomic_write_bytes(os.path.join(tmp, HEAD_INIT_NAME), head)
+        for name, (key, rows) in new_rows.items():
+            if name == NEW_EMBEDDINGS_NAME and (pt := _torch_tensor_bytes(rows)) is not None:
+                # The authors' classifier loader opens new_embeddings_init.safetensors with a torch.device,
+                # which safetensors >= 0.8 refuses; their trainer's own .pt loads everywhere.
+                atomic_write_bytes(os.path.join(tmp, NEW_EMBEDDINGS_PICKLE), pt)
+                continue
+            atomic_write_bytes(
+                os.path.join(tmp, name), write_safetensors_bytes({key: rows}, {"format": "pt"})
+            )
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+
+def _torch_tensor_bytes(array: np.ndarray) -> bytes | None:
+    """``torch.save`` of ``array`` as a plain tensor (loadable with ``weights_only=True``), or ``None``
+    without torch."""
+    try:
+        import io
+
+        import torch
+    except ImportError:
+        return None
+    buffer = io.BytesIO()
+    torch.save(torch.from_numpy(np.array(array, np.float32, copy=True)), buffer)
+    return buffer.getvalue()
+
+
+def _new_token_rows(params: PyTree | None, added: int) -> dict[str, tuple[str, np.ndarray]]:
+    """``{file: (key, rows)}``: the initial rows of the ``added`` last tokens (the base params hold
+    them: training changes only the adapter), for the embedding and an untied ``lm_head``."""
+    if params is None:
+        raise ValueError(f"the model has {added} added tokens: pass params (or the model) to export them")
+    leaves = tree_lib.leaf_paths(params)
+    embedding = np.asarray(leaves[embedding_path(params)], np.float32)
+    out = {NEW_EMBEDDINGS_NAME: (NEW_EMBEDDINGS_KEY, np.ascontiguousarray(embedding[-added:]))}
+    if "lm_head.kernel" in leaves:
+        head = np.asarray(leaves["lm_head.kernel"], np.float32)  # (hidden, vocab)
+        out[NEW_LM_HEAD_NAME] = (NEW_LM_HEAD_KEY, np.ascontiguousarray(head[:, -added:].T))
+    return out
+
+
+def grow_for_adapter(model: Any, adapter_dir: str | os.PathLike) -> Any:
+    """``model`` grown by the tokens a SpaRTA adapter added (its ``new_embeddings_init``; for an untied
+    ``lm_head`` also our ``new_lm_head_init``), as the authors' classifier loader does; ``model``
+    itself when the adapter added none. The rows come from ``new_embeddings_init.safetensors`` or,
+    as the authors' trainer writes them, ``new_embeddings_init.pt`` (``weights_only`` loading)."""
+    adapter_dir = os.fspath(adapter_dir)
+    path = os.path.join(adapter_dir, NEW_EMBEDDINGS_NAME)
+    pt_path = os.path.join(adapter_dir, NEW_EMBEDDINGS_PICKLE)
+    if os.path.isfile(path):
+        tensors, _ = read_safetensors(path)
+        if NEW_EMBEDDINGS_KEY not in tensors:
+            raise AdapterFormatError(f"{path}: no {NEW_EMBEDDINGS_KEY!r} tensor (found {sorted(tensors)})")
+        rows = check_dense(tensors[NEW_EMBEDDINGS_KEY], f"{path}: {NEW_EMBEDDINGS_KEY}").astype(np.float32)
+    elif os.path.isfile(pt_path):
+        path = pt_path
+        rows = check_dense(_pt_array(_torch_load(pt_path), pt_path), pt_path).astype(np.float32)
+    else:
+        return model
+    leaves = tree_lib.leaf_paths(model.params)
+    hidden = np.shape(leaves[embedding_path(model.params)])[1]
+    if rows.ndim != 2 or rows.shape[1] != hidden:
+        raise AdapterFormatError(
+            f"{path}: shape {rows.shape}, expected (added, {hidden}) {DIFFERENT_BASE_HINT}"
+        )
+    head_rows = None
+    if "lm_head.kernel" in leaves:
+        head_path = os.path.join(adapter_dir, NEW_LM_HEAD_NAME)
+        if not os.path.isfile(head_path):
+            raise AdapterFormatError(
+                f"{adapter_dir}: the adapter adds {rows.shape[0]} tokens but has no {NEW_LM_HEAD_NAME} for the "
+                "model's untied lm_head"
+            )
+        head_tensors, _ = read_safetensors(head_path)
+        if NEW_LM_HEAD_KEY not in head_tensors:
+            raise AdapterFormatError(
+                f"{head_path}: no {NEW_LM_HEAD_KEY!r} tensor (found {sorted(head_tensors)})"
+            )
+        head_rows = check_dense(head_tensors[NEW_LM_HEAD_KEY], f"{head_path}: {NEW_LM_HEAD_KEY}")
+        if head_rows.shape != rows.shape:
+            raise AdapterFormatError(f"{head_path}: shape {head_rows.shape}, expected {rows.shape}")
+    return with_new_rows(model, rows, head_rows)
 
 
 def _torch_load(path: str) -> Any:

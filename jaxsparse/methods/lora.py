@@ -64,6 +64,7 @@ class LoraConfig:
     - ``init_lora_weights``: ``True`` (PEFT: kaiming-uniform A, zero B), ``"gaussian"`` (A ~ N(0, 1/r),
       zero B) or ``False`` (both like a fresh ``nn.Linear``: a non-zero update, for tests).
     - ``fan_in_fan_out``: PEFT metadata for GPT-2 ``Conv1D`` (the lora_A/lora_B layout does not change).
+    - ``lora_dropout``: PEFT's dropout on the adapter's input, training only (:meth:`forward_view`).
     - ``task_type="SEQ_CLS"`` adds the ``classifier``/``score`` head to ``modules_to_save`` like PEFT.
     """
 
@@ -101,6 +102,34 @@ class LoraConfig:
         bad = {k: v for k, v in self.rank_pattern.items() if not isinstance(v, int) or v <= 0}
         if bad:
             raise ValueError(f"LoraConfig.rank_pattern values must be positive ints, got {bad}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+
+    def forward_view(self, adapter: Adapter, rng: jax.Array) -> Adapter:
+        """The training step's view (the :mod:`jaxsparse.train` hook): with ``lora_dropout`` > 0, each
+        low-rank delta carries its own dropout key, so the factored matmul drops the adapter's input
+        as PEFT does (``lora_B(lora_A(dropout(x)))``); evaluation and merge never see the keys.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> params = {"q": {"kernel": jnp.ones((4, 2))}}
+            >>> cfg = LoraConfig(r=1, target_modules=["q"], lora_dropout=0.1)
+            >>> view = cfg.forward_view(init(params, cfg, jax.random.key(0)), jax.random.PRNGKey(1))
+            >>> view.deltas["q.kernel"].dropout_rate, view.deltas["q.kernel"].dropout_key is not None
+            (0.1, True)
+        """
+        if self.lora_dropout == 0:
+            return adapter
+        deltas = dict(adapter.deltas)
+        # One independent key per layer (sorted paths: fixed under jit), like PEFT's nn.Dropout per module.
+        for i, path in enumerate(sorted(deltas)):
+            if isinstance(deltas[path], LowRankDelta):
+                deltas[path] = dataclasses.replace(
+                    deltas[path],
+                    dropout_key=jax.random.fold_in(rng, i),
+                    dropout_rate=float(self.lora_dropout),
+                )
+        return dataclasses.replace(adapter, deltas=deltas)
 
     def rank_and_alpha(self, module: str) -> tuple[int, float]:
         """``(r, lora_alpha)`` for ``module`` after ``rank_pattern`` / ``alpha_pattern`` (first match wins)."""
@@ -226,7 +255,7 @@ METHOD = Method(
     name="lora",
     config_class=LoraConfig,
     init=init,
-    yaml_keys={"adapter.r": "r", "adapter.lora_alpha": "lora_alpha"},
+    yaml_keys={"adapter.r": "r", "adapter.lora_alpha": "lora_alpha", "adapter.lora_dropout": "lora_dropout"},
     native_format="peft_lora",
     # PEFT's own default target when none is named
     default_target_modules="all-linear",

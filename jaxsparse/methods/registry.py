@@ -9,7 +9,7 @@ change to add a method: the registry discovers the modules of this package that 
 Example:
     >>> import jax, jax.numpy as jnp
     >>> names()
-    ('lora', 'shira', 'sparta', 'sqft')
+    ('lora', 'rank_sparse_lora', 'shira', 'sparse_lora', 'sparta', 'sqft')
     >>> method = get("sparta")
     >>> config = method.config_from({"adapter.density": 0.25, "seed": 0}, target_modules=["lin"])
     >>> config.density, config.target_modules
@@ -54,11 +54,20 @@ class Method:
 
     def config_from(self, values: Mapping[str, Any], **common: Any) -> Any:
         """The method's config from the training config's ``values`` (dotted keys, as in
-        ``yaml_keys``) and the shared fields in ``common``."""
-        missing = [k for k in self.yaml_keys if k not in values]
+        ``yaml_keys``) and the shared fields in ``common``; a key absent from ``values`` keeps the
+        config class's default for its field (``KeyError`` if the field has none)."""
+        fields = {f.name: f for f in dataclasses.fields(self.config_class)}
+
+        def has_default(field: str) -> bool:
+            f = fields.get(field)
+            return f is not None and (
+                f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            )
+
+        missing = [k for k, f in self.yaml_keys.items() if k not in values and not has_default(f)]
         if missing:
             raise KeyError(f"method {self.name!r} needs the config keys {missing}")
-        kwargs = {field: values[key] for key, field in self.yaml_keys.items()}
+        kwargs = {field: values[key] for key, field in self.yaml_keys.items() if key in values}
         if common.get("target_modules") is None and self.default_target_modules is not None:
             common = {**common, "target_modules": self.default_target_modules}
         return self.config_class(**common, **kwargs)

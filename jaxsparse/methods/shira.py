@@ -56,6 +56,9 @@ class ShiraConfig:
     mask_fn: Callable[..., Any] | None = dataclasses.field(default=None, compare=False)
     task_type: str | None = None
     base_model_name_or_path: str | None = None
+    # The transformers class the adapter was made on, recorded when task_type is None (PEFT's
+    # auto_mapping, e.g. "BertForMaskedLM": PEFT has no task type for masked language modeling).
+    base_model_class: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("target_modules", "modules_to_save", "exclude_modules"):

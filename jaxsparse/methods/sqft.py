@@ -12,6 +12,14 @@
   rank is a ``rank_mask`` (``arange(r) < w``), so the other components get exactly zero gradient.
   Evaluation and merge use the whole (maximal) super-adapter, as SQFT's elastic layers do outside
   training. :mod:`jaxsparse.train` calls :meth:`SQFTConfig.forward_view` once per step.
+- **QA-SparsePEFT** (``quantization_aware=True``): the base is a GPTQ checkpoint plus the
+  non-quantized sparse model it was quantized from (SQFT's ``--model_name_or_path`` and
+  ``--non_quant_model_name_or_path``). Each targeted layer computes ``dropout(x) @ dq(q(W + (s * B A)
+  * (W != 0)))`` on the GPTQ base's own grid with a straight-through gradient
+  (:class:`~jaxsparse.quant.qa_delta.QALowRankDelta`), ``W`` the non-quantized weight; untargeted
+  layers are the GPTQ model's. :func:`qa_base_params` builds those params, :func:`init` (with
+  ``grids``) or :func:`with_qa_grids` puts the deltas on the grids, and the merge writes
+  ``q(W + masked delta)`` into the GPTQ layout (:func:`merged_gptq_layers`).
 
 On disk an SQFT adapter is a PEFT LoRA directory whose ``adapter_config.json`` also carries SQFT's
 ``"sparse_adapter"`` / ``"quantization_aware"`` flags (the fields SQFT's patched ``LoraConfig``
@@ -40,12 +48,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxsparse import factored as factored_lib
 from jaxsparse import tree as tree_lib
 from jaxsparse.delta import Adapter, LowRankDelta
+from jaxsparse.delta_leaves import pytree_dataclass
 from jaxsparse.methods import lora
 from jaxsparse.methods.lora import LoraConfig
 from jaxsparse.methods.registry import Method
+from jaxsparse.quant.grid import QuantizedWeight
+from jaxsparse.quant.qa_base import with_non_quant_kernels
+from jaxsparse.quant.qa_delta import QALowRankDelta, with_grids
 
 PyTree = Any
 
@@ -66,7 +80,9 @@ class SQFTConfig(LoraConfig):
     """A :class:`~jaxsparse.methods.lora.LoraConfig` plus SQFT's fields (hashable like it).
 
     - ``sparse_adapter``: SparsePEFT, the product masked by the base's non-zeros.
-    - ``quantization_aware``: QA-SparsePEFT; not implemented yet (refused with a clear error).
+    - ``quantization_aware``: QA-SparsePEFT: the delta is merged into the non-quantized base weight
+      and fake-quantized on the GPTQ base's grid (see the module docstring); :func:`init` then needs
+      the grids.
     - ``search_space``: NLS ranks, largest first (SQFT's order: ``[32, 24, 16]``), each at most ``r``;
       ``None``: no NLS (a fixed-rank adapter).
     - ``nls_target_modules``: which targeted modules are elastic (names by suffix, as
@@ -96,11 +112,6 @@ class SQFTConfig(LoraConfig):
                 else self.nls_target_modules
             )
             object.__setattr__(self, "nls_target_modules", tuple(names))
-        if self.quantization_aware:
-            raise ValueError(
-                "SQFTConfig.quantization_aware: QA-SparsePEFT is not implemented in jaxsparse yet "
-                "(train SparsePEFT on the non-quantized sparse base instead)"
-            )
         if self.search_space is None:
             if self.nls_target_modules is not None:
                 raise ValueError(
@@ -123,7 +134,10 @@ class SQFTConfig(LoraConfig):
         return self.search_space is not None
 
     def forward_view(self, adapter: Adapter, rng: jax.Array) -> Adapter:
-        """The training step's view (the :mod:`jaxsparse.train` hook): NLS ranks drawn from ``rng``."""
+        """The training step's view (the :mod:`jaxsparse.train` hook): LoRA dropout keys (as
+        :meth:`LoraConfig.forward_view <jaxsparse.methods.lora.LoraConfig.forward_view>`), then NLS
+        ranks drawn from ``rng``."""
+        adapter = super().forward_view(adapter, rng)
         return self.sample_step_adapter(adapter, jax.random.fold_in(rng, 0x5F7))
 
     def sample_step_adapter(self, adapter: Adapter, key: jax.Array) -> Adapter:
@@ -268,6 +282,47 @@ def with_base_masks(adapter: Adapter, params: PyTree, *, source: str = "SparsePE
     return dataclasses.replace(adapter, deltas=deltas)
 
 
+@pytree_dataclass
+class BaseMaskedDelta(LowRankDelta):
+    """A SparsePEFT delta whose mask is taken where it meets its weight: ``W != 0`` of the weight it
+    is applied to (a stored ``mask`` wins). What a ``sparse_adapter`` directory loaded against
+    shape-only params holds (:func:`mask_at_apply`), so that applying or merging it later into real
+    weights still keeps their zeros instead of silently acting as plain LoRA.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> d = BaseMaskedDelta(a=jnp.ones((2, 1)), b=jnp.ones((1, 2)))
+        >>> d.apply(jnp.array([[1.0, 0.0], [0.0, 1.0]])).tolist()
+        [[2.0, 0.0], [0.0, 2.0]]
+    """
+
+    def bound(self, weight: jax.Array) -> LowRankDelta:
+        """The plain :class:`~jaxsparse.delta.LowRankDelta` with ``weight``'s mask."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(LowRankDelta)}
+        if fields["mask"] is None:
+            fields["mask"] = weight != 0
+        return LowRankDelta(**fields)
+
+    def apply(self, weight: jax.Array) -> jax.Array:
+        return self.bound(weight).apply(weight)
+
+    def matmul_beside(self, x: jax.Array, base: jax.Array, precision: Any = None) -> jax.Array:
+        """The factored path (:func:`jaxsparse.factored.matmul`) of the bound (masked) delta."""
+        return factored_lib.matmul(x, factored_lib.AdaptedKernel(base, self.bound(base)), precision=precision)
+
+
+def mask_at_apply(adapter: Adapter) -> Adapter:
+    """``adapter`` with each unmasked low-rank delta masked by its weight's non-zeros where it is
+    applied (:class:`BaseMaskedDelta`): SparsePEFT when the base's values are not at hand yet."""
+    deltas = {
+        p: BaseMaskedDelta(**{f.name: getattr(d, f.name) for f in dataclasses.fields(LowRankDelta)})
+        if type(d) is LowRankDelta and d.mask is None
+        else d
+        for p, d in adapter.deltas.items()
+    }
+    return dataclasses.replace(adapter, deltas=deltas)
+
+
 def without_masks(adapter: Adapter) -> Adapter:
     """``adapter`` with the masks dropped (what a PEFT file stores: the factors; the masks come from the base)."""
     deltas = {
@@ -277,9 +332,20 @@ def without_masks(adapter: Adapter) -> Adapter:
     return dataclasses.replace(adapter, deltas=deltas)
 
 
-def init(params: PyTree, config: SQFTConfig, key: jax.Array) -> Adapter:
+def init(
+    params: PyTree,
+    config: SQFTConfig,
+    key: jax.Array,
+    *,
+    grids: Mapping[str, QuantizedWeight] | None = None,
+) -> Adapter:
     """An SQFT adapter over ``params``: LoRA (:func:`jaxsparse.methods.lora.init`), masked by the base's
     non-zeros when ``sparse_adapter`` (so ``params`` must be concrete), NLS groups checked.
+
+    With ``quantization_aware``, ``params`` hold the non-quantized weights at the targeted kernels
+    (:func:`qa_base_params`) and ``grids`` (module -> :class:`~jaxsparse.quant.grid.QuantizedWeight`,
+    :func:`jaxsparse.quant.qa_base.read_grids`) the GPTQ base's grids; each delta is then a
+    :class:`~jaxsparse.quant.qa_delta.QALowRankDelta`.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -291,11 +357,73 @@ def init(params: PyTree, config: SQFTConfig, key: jax.Array) -> Adapter:
     """
     if not isinstance(config, SQFTConfig):
         raise TypeError(f"sqft.init needs an SQFTConfig, got {type(config).__name__}")
+    if config.quantization_aware and grids is None:
+        raise ValueError(
+            "SQFTConfig.quantization_aware: QA-SparsePEFT needs the GPTQ base's grids (grids=read_grids(gptq_dir)[1]) "
+            "and params holding the non-quantized sparse weights (qa_base_params)"
+        )
     adapter = lora.init(params, config, key)
     nls_groups(config, adapter.deltas)  # nls_target_modules must select something
     if config.sparse_adapter:
         adapter = with_base_masks(adapter, params)
+    if config.quantization_aware:
+        adapter = with_qa_grids(adapter, grids)
     return adapter
+
+
+def with_qa_grids(
+    adapter: Adapter, grids: Mapping[str, QuantizedWeight], *, source: str = "QA-SparsePEFT"
+) -> Adapter:
+    """A ``quantization_aware`` adapter (trained, or loaded from a PEFT directory) on the GPTQ base's
+    ``grids``: each delta a :class:`~jaxsparse.quant.qa_delta.QALowRankDelta`, masked by the base
+    weight's non-zeros when the config is a ``sparse_adapter`` (a stored mask is kept)."""
+    config = adapter.config
+    if not getattr(config, "quantization_aware", False):
+        raise ValueError(f"{source}: the adapter is not quantization_aware (its config has no such flag)")
+    return with_grids(adapter, grids, mask_base=bool(getattr(config, "sparse_adapter", False)), source=source)
+
+
+def qa_base_params(
+    gptq_params: PyTree,
+    non_quant_params: PyTree,
+    config: LoraConfig,
+    *,
+    gptq: str = "the GPTQ base",
+    non_quant: str = "the non-quantized base",
+) -> PyTree:
+    """QA-SparsePEFT's base params, as SQFT builds its model: the GPTQ model (``gptq_params``,
+    dequantized) everywhere except the kernels ``config`` targets, which are the non-quantized
+    sparse model's (``W``, the weight each delta is added to before rounding). ``ValueError`` when
+    the two models' shapes differ.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> q = {"q_proj": {"kernel": jnp.zeros((2, 2))}, "o_proj": {"kernel": jnp.zeros((2, 2))}}
+        >>> w = {"q_proj": {"kernel": jnp.ones((2, 2))}, "o_proj": {"kernel": jnp.ones((2, 2))}}
+        >>> p = qa_base_params(q, w, SQFTConfig(r=1, target_modules=["q_proj"]))
+        >>> float(p["q_proj"]["kernel"].sum()), float(p["o_proj"]["kernel"].sum())
+        (4.0, 0.0)
+    """
+    modules = lora.target_modules_of(gptq_params, config)
+    return with_non_quant_kernels(gptq_params, non_quant_params, modules, gptq=gptq, non_quant=non_quant)
+
+
+def merged_gptq_layers(
+    params: PyTree, adapter: Adapter, base_layers: Mapping[str, QuantizedWeight]
+) -> dict[str, QuantizedWeight]:
+    """The quantized layers of the merged QA-SparsePEFT model: for each adapted module the codes of
+    ``q(W + masked delta)`` on the base's grid (``params`` hold ``W`` there, :func:`qa_base_params`),
+    every other quantized layer of the GPTQ base (``base_layers``) unchanged. What
+    :func:`jaxsparse.quant.save.save_gptq` writes."""
+    out = dict(base_layers)
+    leaves = tree_lib.leaf_paths(params)
+    for path, d in adapter.deltas.items():
+        if not isinstance(d, QALowRankDelta):
+            raise TypeError(
+                f"{path!r}: expected a QA delta on the GPTQ grid (with_qa_grids), got {type(d).__name__}"
+            )
+        out[tree_lib.module_of(path)] = jax.tree_util.tree_map(np.asarray, d.quantized(leaves[path]))
+    return out
 
 
 METHOD = Method(
@@ -305,11 +433,13 @@ METHOD = Method(
     yaml_keys={
         "adapter.r": "r",
         "adapter.lora_alpha": "lora_alpha",
+        "adapter.lora_dropout": "lora_dropout",
         "adapter.sparse_adapter": "sparse_adapter",
+        "adapter.quantization_aware": "quantization_aware",
         "adapter.nls_target_modules": "nls_target_modules",
         "adapter.search_space": "search_space",
     },
     native_format="peft_lora",
     default_target_modules=("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"),
-    description="SQFT: LoRA masked by a sparse base's non-zeros (SparsePEFT) with NLS elastic ranks",
+    description="SQFT: LoRA masked by a sparse base's non-zeros (SparsePEFT), on its INT grid (QA), NLS elastic ranks",
 )

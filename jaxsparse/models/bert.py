@@ -133,7 +133,7 @@ class BertEncoder(nnx.Module):
 
     def __call__(self, x, mask, drop=layers.NO_DROPOUT):
         for layer in self.layer:
-            x = layer(x, mask, drop)
+            x = layers.call_block(layer, x, mask, drop)
         return x
 
 

@@ -92,7 +92,7 @@ class Transformer(nnx.Module):
 
     def __call__(self, x, mask):
         for block in self.layer:
-            x = block(x, mask)
+            x = layers.call_block(block, x, mask)
         return x
 
 

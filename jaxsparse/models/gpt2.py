@@ -95,7 +95,7 @@ class GPT2Model(nnx.Module):
         x = self.wte(input_ids) + self.wpe(position_ids)
         mask = layers.combine_masks(layers.padding_mask(attention_mask), layers.causal_mask(t, t))
         for block in self.h:
-            x = block(x, mask)
+            x = layers.call_block(block, x, mask)
         return self.ln_f(x)
 
 

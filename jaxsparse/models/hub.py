@@ -581,3 +581,28 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
             str(path.parent), gguf_file=path.name, local_files_only=True
         )
     return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def pad_with_eos(tokenizer: Any) -> bool:
+    """Give ``tokenizer`` its EOS token as padding when it has no pad token (GPT-2, SmolLM2, Llama
+    style tokenizers), as transformers users do before batching: ``tokenizer.pad_token =
+    tokenizer.eos_token``. Returns whether it did; a tokenizer with neither is a ``ValueError``.
+
+    The model's ``pad_token_id`` should then be set to the same id, so that a decoder classifier
+    pools the last token that is not padding (transformers refuses batches otherwise).
+
+    Example:
+        >>> import transformers
+        >>> from tokenizers import Tokenizer, models
+        >>> tok = transformers.PreTrainedTokenizerFast(
+        ...     tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "</s>": 1}, unk_token="a")),
+        ...     eos_token="</s>")
+        >>> pad_with_eos(tok), tok.pad_token, tok.pad_token_id, pad_with_eos(tok)
+        (True, '</s>', 1, False)
+    """
+    if tokenizer.pad_token is not None:
+        return False
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad batches with")
+    tokenizer.pad_token = tokenizer.eos_token
+    return True

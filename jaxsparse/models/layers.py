@@ -20,8 +20,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -247,6 +249,52 @@ def dot_product_attention(
     weights = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate)
     out = jnp.einsum("bnqk,bknd->bqnd", weights, value.astype(jnp.float32))
     return out.astype(query.dtype)
+
+
+# Whether the transformer blocks traced now are rematerialised (see :func:`remat_blocks`).
+_REMAT_BLOCKS: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxsparse_remat_blocks", default=False)
+
+
+@contextlib.contextmanager
+def remat_blocks(enabled: bool = True) -> Iterator[None]:
+    """Gradient checkpointing for the forward passes *traced* inside the context: every transformer
+    block of the zoo's models runs under ``jax.checkpoint`` (:func:`call_block`), so a backward pass
+    keeps only each block's input and recomputes its activations (memory O(layers) instead of
+    O(layers x block activations), one extra forward of compute). The result is unchanged.
+
+    A trace-time switch, like ``jax.default_matmul_precision``: enter it inside the function that
+    ``jax.jit``/``jax.grad`` traces (the trainer's ``apply_model`` does), not around the call of an
+    already-compiled function.
+
+    Example:
+        >>> import transformers
+        >>> from jaxsparse.models import init_params
+        >>> cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+        >>> m = init_params(cfg, task="causal_lm")
+        >>> def loss(p):
+        ...     with remat_blocks():
+        ...         return m.apply_fn(p, jnp.array([[1, 2, 3]])).sum()
+        >>> "remat" in str(jax.make_jaxpr(jax.grad(loss))(m.params))  # the checkpoint primitive
+        True
+    """
+    token = _REMAT_BLOCKS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _REMAT_BLOCKS.reset(token)
+
+
+def call_block(block: nnx.Module, x: jax.Array, *rest: Any) -> Any:
+    """``block(x, *rest)``, under ``nnx.remat`` (``jax.checkpoint``) inside :func:`remat_blocks`.
+
+    The module's parameters and ``x`` are the checkpointed function's inputs (their gradients flow
+    through it); ``rest`` (masks, rotary tables, caches, the :class:`Dropout` of the pass) is closed
+    over, so the recomputed forward draws the same dropout masks.
+    """
+    if not _REMAT_BLOCKS.get():
+        return block(x, *rest)
+    return nnx.remat(lambda module, hidden: module(hidden, *rest))(block, x)
 
 
 def last_token_index(

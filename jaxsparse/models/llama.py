@@ -22,6 +22,8 @@ position ids default to ``0..T-1`` like transformers' forward (pass them for lef
 :mod:`jaxsparse.models.generate` does). With a ``cache`` (see :func:`init_cache`) the call returns
 ``(output, new_cache)``: the new keys/values are written at ``cache["index"]`` into fixed-size
 buffers, and ``attention_mask`` must then cover the whole cache (B, max_len).
+``dropout_rng=`` (training) drops attention probabilities at ``config.attention_dropout``, as
+transformers' eager attention does (the family's only dropout; Phi-3's others are not implemented).
 
 Example:
     >>> import jax.numpy as jnp, transformers
@@ -147,8 +149,10 @@ class Attention(nnx.Module):
             self.k_proj = lin(h, kv_out, qkv_bias)
             self.v_proj = lin(h, kv_out, qkv_bias)
         self.o_proj = lin(q_out, h, o_bias)
+        # transformers' eager attention drops attention probabilities at this rate in training.
+        self.dropout_rate = float(getattr(config, "attention_dropout", 0.0) or 0.0)
 
-    def __call__(self, x, cos, sin, attention_mask, layer_cache):
+    def __call__(self, x, cos, sin, attention_mask, layer_cache, drop=layers.NO_DROPOUT):
         if self.fused:
             q_out, kv_out = self.num_heads * self.head_dim, self.num_kv * self.head_dim
             qkv = self.qkv_proj(x)
@@ -169,7 +173,7 @@ class Attention(nnx.Module):
             mask = _attention_mask(t, k.shape[1], index, attention_mask, self.window)
             new_cache = (k, v)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
-        out = layers.dot_product_attention(q, k, v, mask=mask)
+        out = layers.dot_product_attention(q, k, v, mask=mask, dropout=drop, dropout_rate=self.dropout_rate)
         return self.o_proj(layers.merge_heads(out)), new_cache
 
 
@@ -202,8 +206,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(h, eps=eps, unit_offset=gemma, dtype=dtype)
         self.mlp = MLP(config, dtype, rngs)
 
-    def __call__(self, x, cos, sin, attention_mask, layer_cache):
-        attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, attention_mask, layer_cache)
+    def __call__(self, x, cos, sin, attention_mask, layer_cache, drop=layers.NO_DROPOUT):
+        attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, attention_mask, layer_cache, drop)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), new_cache
 
@@ -231,8 +235,10 @@ class DecoderModel(nnx.Module):
         *,
         position_ids: Int[Array, "B T"] | None = None,
         cache: dict[str, Any] | None = None,
+        dropout_rng: jax.Array | None = None,
     ):
         b, t = input_ids.shape
+        drop = layers.Dropout(dropout_rng)
         offset = 0 if cache is None else cache["index"]
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(t)[None, :] + offset, (b, t))
@@ -245,7 +251,7 @@ class DecoderModel(nnx.Module):
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache["keys"][i], cache["values"][i], offset)
-            x, new = layer(x, cos, sin, attention_mask, layer_cache)
+            x, new = layers.call_block(layer, x, cos, sin, attention_mask, layer_cache, drop)
             if new is not None:
                 new_keys.append(new[0])
                 new_values.append(new[1])
@@ -280,8 +286,10 @@ class ForCausalLM(nnx.Module):
             return layers.tied_logits(hidden, self.model.embed_tokens.embedding[...])
         return self.lm_head(hidden)
 
-    def __call__(self, input_ids, attention_mask=None, *, position_ids=None, cache=None):
-        out = self.model(input_ids, attention_mask, position_ids=position_ids, cache=cache)
+    def __call__(self, input_ids, attention_mask=None, *, position_ids=None, cache=None, dropout_rng=None):
+        out = self.model(
+            input_ids, attention_mask, position_ids=position_ids, cache=cache, dropout_rng=dropout_rng
+        )
         return _with_cache(self._logits, out)
 
 
@@ -300,8 +308,8 @@ class ForSequenceClassification(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, input_ids, attention_mask=None, *, position_ids=None):
-        hidden = self.model(input_ids, attention_mask, position_ids=position_ids)
+    def __call__(self, input_ids, attention_mask=None, *, position_ids=None, dropout_rng=None):
+        hidden = self.model(input_ids, attention_mask, position_ids=position_ids, dropout_rng=dropout_rng)
         last = layers.last_token_index(input_ids, attention_mask, self.pad_token_id)
         return self.score(layers.gather_rows(hidden, last))
 
@@ -329,6 +337,9 @@ ARCHITECTURES = {
             base_model_prefix="model",
             tied={"lm_head.weight": "model.embed_tokens.weight"},
             init=_gemma_init if model_type == "gemma" else None,
+            # Attention-probability dropout (config.attention_dropout); Phi-3's residual and
+            # embedding dropout are not implemented, so it refuses train.dropout.
+            dropout=model_type != "phi3",
         )
     )
     for model_type in MODEL_TYPES

@@ -14,14 +14,17 @@ from jaxsparse.methods import lora, registry, shira, sparta
 
 
 def test_every_method_module_is_registered():
-    assert registry.names() == ("lora", "shira", "sparta", "sqft")
-    assert config_lib.methods() == ("lora", "shira", "sparta", "sqft", "full")
+    names = ("lora", "rank_sparse_lora", "shira", "sparse_lora", "sparta", "sqft")
+    assert registry.names() == names
+    assert config_lib.methods() == (*names, "full")
     for module in (lora, shira, sparta):
         method = registry.get(module.METHOD.name)
         assert method is module.METHOD and method.init is module.init
     assert {registry.get(n).native_format for n in registry.names()} == {"peft_lora", "peft_shira", "sparta"}
     with pytest.raises(
-        ValueError, match=r"unknown method 'dora'; known methods: \['lora', 'shira', 'sparta', 'sqft'\]"
+        ValueError,
+        match=r"unknown method 'dora'; known methods: \['lora', 'rank_sparse_lora', 'shira', 'sparse_lora', "
+        r"'sparta', 'sqft'\]",
     ):
         registry.get("dora")
     with pytest.raises(ValueError, match="not the config of a registered method"):

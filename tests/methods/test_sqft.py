@@ -79,6 +79,7 @@ def test_method_is_registered_and_exact_config_class_wins():
         {
             "adapter.r": 8,
             "adapter.lora_alpha": 16,
+            "adapter.lora_dropout": 0.0,
             "adapter.sparse_adapter": True,
             "adapter.nls_target_modules": ["q_proj"],
             "adapter.search_space": [8, 6, 4],
@@ -203,7 +204,6 @@ def test_a_jitted_train_step_moves_only_the_sampled_components():
         ({"r": 32, "search_space": [32, 32]}, "strictly decreasing"),
         ({"r": 32, "search_space": []}, "non-empty list of positive int"),
         ({"r": 32, "nls_target_modules": ["q_proj"]}, "search_space is not"),
-        ({"r": 32, "quantization_aware": True}, "QA-SparsePEFT is not implemented"),
         ({"r": 32, "search_space": [32, 16], "rank_pattern": {"q_proj": 8}}, "rank_pattern"),
     ],
 )
