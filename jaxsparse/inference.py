@@ -177,7 +177,6 @@ class SequenceClassifier:
     @staticmethod
     def _tokenizer(adapter_dir: Path, base_path: str | None) -> Any:
         from jaxsparse.models import load_tokenizer
-
         from jaxsparse.models.hub import pad_with_eos
 
         if (adapter_dir / "tokenizer_config.json").is_file():

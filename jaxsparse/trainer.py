@@ -511,7 +511,9 @@ def with_pad_token_id(cfg: Config, model: Any, pad_token_id: int) -> Any:
         return model
     config = copy.deepcopy(model.config)
     config.pad_token_id = int(pad_token_id)
-    apply_fn, _ = models.architecture(model.model_type).build(config, model.task, getattr(jnp, cfg.model.dtype))
+    apply_fn, _ = models.architecture(model.model_type).build(
+        config, model.task, getattr(jnp, cfg.model.dtype)
+    )
     return dataclasses.replace(model, config=config, apply_fn=apply_fn)
 
 

@@ -2,13 +2,19 @@
 stopping (``train.patience``/``min_delta``, best adapter kept, resume-safe), bfloat16 mixed
 precision (``train.precision``), gradient checkpointing (``train.remat``) and attention dropout
 (``train.attention_dropout``), on tiny random models built from transformers configs (seconds).
+
+Runs are shared between tests through module-scoped fixtures (:func:`es_resume_runs`: early
+stopping and remat across a resume; :func:`llama_runs`: bfloat16 end to end and attention
+dropout); the other runs skip the checkpoints they do not read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -178,7 +184,14 @@ def test_lr_min_floors_the_updates_and_the_head_at_its_fraction():
 def test_early_stopping_keeps_the_best_adapter_and_says_where_it_came_from(tmp_path, no_adapter_save):
     # No evaluation can beat the one before training by more than min_delta = 10: the run stops at
     # its first evaluation after `patience` = 1, and the adapter saved is the untrained one (step 0).
-    cfg = tiny_config(tmp_path, "full", "train.patience=1", "train.min_delta=10", "train.steps=30")
+    cfg = tiny_config(
+        tmp_path,
+        "full",
+        "train.patience=1",
+        "train.min_delta=10",
+        "train.steps=30",
+        "train.checkpoint_every=100",
+    )
     model = tiny_classifier()
     result = trainer.train(cfg, model=model, log=_quiet)
     assert (result.stopped_at, result.best_step, result.steps) == (6, 0, 6)
@@ -202,14 +215,15 @@ def test_without_a_stop_the_saved_adapter_is_the_one_with_the_lowest_held_out_lo
         tmp_path,
         "full",
         "train.patience=100",
-        "train.steps=24",
+        "train.steps=12",
         "train.eval_every=2",
         "train.learning_rate=3",
+        "train.checkpoint_every=100",
     )
     result = trainer.train(cfg, model=tiny_classifier(), log=_quiet)
     evals = [r for r in read_jsonl(result.metrics_path) if r["split"] == "eval"]
     best = min(evals, key=lambda r: r["loss"])
-    assert result.stopped_at is None and result.best_step == best["step"]
+    assert result.stopped_at is None and result.best_step == best["step"] != evals[-1]["step"]
     assert result.final["loss"] == best["loss"]
     # the saved adapter evaluates to the best record (an independent evaluation of what was saved)
     prepared = trainer.prepare(cfg, model=tiny_classifier())
@@ -220,34 +234,79 @@ def test_without_a_stop_the_saved_adapter_is_the_one_with_the_lowest_held_out_lo
     assert again["loss"] == pytest.approx(best["loss"], rel=1e-6)
 
 
-def test_early_stopping_resumes_to_the_same_stop_and_best_adapter(tmp_path, no_adapter_save):
+@pytest.fixture(scope="module")
+def es_resume_runs(tmp_path_factory):
+    """An early-stopping run, and the same run interrupted (SIGINT) after its best evaluation and
+    resumed. The interrupted segment runs with ``train.remat: false``, the resumed one with
+    ``true``, without ``--force`` (the stand-in classifier has no blocks to checkpoint, so the
+    two runs stay bit-identical). Shared by the early-stopping and the remat resume tests."""
+    tmp = tmp_path_factory.mktemp("es_resume")
+    saved = []
+
+    def fake_save(adapter, directory, prepared, cfg):
+        directory.mkdir(parents=True, exist_ok=True)
+        saved.append(adapter)
+        return str(directory)
+
     extra = ("train.patience=2", "train.min_delta=0.02", "train.steps=60", "train.eval_every=3")
-    cfg = tiny_config(tmp_path, "full", *extra)
-    reference = trainer.train(cfg, model=tiny_classifier(), log=_quiet)
-    reference_adapter = no_adapter_save["adapter"]
-    assert reference.stopped_at is not None and reference.best_step not in (None, reference.stopped_at)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "save_final_adapter", fake_save)
+        cfg = tiny_config(tmp, "full", *extra)
+        reference = trainer.train(cfg, model=tiny_classifier(), log=_quiet)
+        assert reference.stopped_at is not None and reference.best_step not in (None, reference.stopped_at)
+        other = config_lib.Config(**{**vars(cfg), "output": str(tmp / "interrupted")})
+        assert other.train.remat is False
+        cut = reference.best_step + 1  # after the best evaluation, before the stop
 
-    other = config_lib.Config(**{**vars(cfg), "output": str(tmp_path / "interrupted")})
-    cut = reference.best_step + 1  # after the best evaluation, before the stop
+        def interrupt(step, loss):
+            if step == cut:
+                os.kill(os.getpid(), signal.SIGINT)
 
-    def interrupt(step, loss):
-        if step == cut:
-            os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(trainer.TrainingInterrupted):
+            trainer.train(other, model=tiny_classifier(), log=_quiet, on_step=interrupt)
+        resumed_cfg = dataclasses.replace(other, train=dataclasses.replace(other.train, remat=True))
+        logged: list[str] = []
+        resumed = trainer.train(resumed_cfg, model=tiny_classifier(), log=logged.append, resume=True)
+    assert len(saved) == 2  # the interrupted segment saved no adapter
+    return {
+        "reference": reference,
+        "reference_adapter": saved[0],
+        "resumed": resumed,
+        "resumed_adapter": saved[1],
+        "resumed_log": logged,
+        "cut": cut,
+    }
 
-    with pytest.raises(trainer.TrainingInterrupted):
-        trainer.train(other, model=tiny_classifier(), log=_quiet, on_step=interrupt)
-    resumed = trainer.train(other, model=tiny_classifier(), log=_quiet, resume=True)
+
+def test_early_stopping_resumes_to_the_same_stop_and_best_adapter(es_resume_runs):
+    reference, resumed = es_resume_runs["reference"], es_resume_runs["resumed"]
     assert (resumed.stopped_at, resumed.best_step, resumed.final) == (
         reference.stopped_at,
         reference.best_step,
         reference.final,
     )
     for a, b in zip(
-        jax.tree.leaves(reference_adapter), jax.tree.leaves(no_adapter_save["adapter"]), strict=True
+        jax.tree.leaves(es_resume_runs["reference_adapter"]),
+        jax.tree.leaves(es_resume_runs["resumed_adapter"]),
+        strict=True,
     ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     steps = [(r["split"], r["step"]) for r in read_jsonl(resumed.metrics_path)]
     assert steps == [(r["split"], r["step"]) for r in read_jsonl(reference.metrics_path)]
+
+
+def test_remat_may_change_on_resume(es_resume_runs):
+    # remat recomputes activations instead of keeping them (same loss and gradients, see
+    # test_remat_gives_the_same_loss_and_gradients): resuming with it switched is no config change.
+    logged = es_resume_runs["resumed_log"]
+    assert any(f"resumed from step {es_resume_runs['cut']}" in line for line in logged)
+    assert not any("--force" in line for line in logged)  # accepted, not forced
+    # a key that decides the result is still refused, and remat is not named among the changes
+    out = Path(es_resume_runs["resumed"].metrics_path).parent
+    cfg = config_lib.load_config(out / "config.yaml", check_paths=False)
+    changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, remat=False, min_delta=0.5))
+    with pytest.raises(config_lib.ConfigError, match=r"at \['train.min_delta'\];"):
+        trainer.train(changed, model=tiny_classifier(), log=_quiet, resume=True)
 
 
 def test_a_checkpoint_from_before_a_new_key_resumes_at_its_default():
@@ -256,6 +315,8 @@ def test_a_checkpoint_from_before_a_new_key_resumes_at_its_default():
     assert trainer._differing(saved, now) == []
     changed = {**now, "train.patience": 3}
     assert trainer._differing(saved, changed) == ["train.patience"]
+    # remat recomputes the same activations: a run may resume with it switched either way
+    assert trainer._differing(now, {**now, "train.remat": True}) == []
 
 
 # ----------------------------------------------------------------------------- bfloat16
@@ -263,9 +324,10 @@ def test_a_checkpoint_from_before_a_new_key_resumes_at_its_default():
 
 def test_bf16_loss_is_close_to_fp32_and_the_trained_state_stays_float32(tmp_path):
     losses, states = {}, {}
+    base_cfg = llama_config(tmp_path)
+    prepared = trainer.prepare(base_cfg, model=tiny_llama())  # precision plays no part in prepare
     for precision in ("float32", "bfloat16"):
-        cfg = llama_config(tmp_path / precision, f"train.precision={precision}")
-        prepared = trainer.prepare(cfg, model=tiny_llama())
+        cfg = dataclasses.replace(base_cfg, train=dataclasses.replace(base_cfg.train, precision=precision))
         model = trainer.training_model(cfg, prepared.model)
         adapter = sparta_adapter(prepared.model.params)
         if precision == "bfloat16":
@@ -287,11 +349,8 @@ def test_bf16_loss_is_close_to_fp32_and_the_trained_state_stays_float32(tmp_path
         assert floats and {x.dtype for x in floats} == {jnp.dtype(jnp.float32)}
 
 
-def test_bf16_run_end_to_end_writes_a_float32_adapter(tmp_path):
-    cfg = llama_config(
-        tmp_path, "train.precision=bfloat16", "train.steps=12", "train.learning_rate=0.01", "train.remat=true"
-    )
-    result = trainer.train(cfg, model=tiny_llama(), log=_quiet)
+def test_bf16_run_end_to_end_writes_a_float32_adapter(llama_runs):
+    result = llama_runs["off"]  # bfloat16 with remat, 12 steps
     leaves = jax.tree.leaves(delta_lib.trainable(result.adapter))
     assert {x.dtype for x in leaves} == {jnp.dtype(jnp.float32)}
     assert result.final["loss"] < result.initial["loss"]
@@ -301,14 +360,17 @@ def test_bf16_run_end_to_end_writes_a_float32_adapter(tmp_path):
 # ----------------------------------------------------------------------------- gradient checkpointing
 
 
-@pytest.mark.parametrize("build", [tiny_llama, tiny_bert], ids=["llama", "bert"])
-def test_remat_gives_the_same_loss_and_gradients(tmp_path, build):
-    model = build()
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_remat_gives_the_same_loss_and_gradients(tmp_path, arch):
+    # BERT with its dropout on: the recomputed blocks draw the same masks. The key is an "rbg" one:
+    # the masks are a function of the key whatever its kind, and threefry's random bits at BERT's
+    # five dropout sites per block would take most of this file's compile time.
+    model = tiny_llama() if arch == "llama" else tiny_bert()
     cfg = tiny_config(tmp_path)
     prepared = trainer.prepare(cfg, model=model)
     batch = batch_of(prepared)
     adapter = sparta_adapter(model.params)
-    rng = jax.random.key(3) if model.model_type == "bert" else None  # BERT: with dropout, same masks
+    rng = jax.random.key(3, impl="rbg") if arch == "bert" else None
     plain = loss_and_grads(model, adapter, batch, remat=False, rng=rng)
     remat = loss_and_grads(model, adapter, batch, remat=True, rng=rng)
     assert remat[0] == pytest.approx(plain[0], rel=1e-6)
@@ -354,20 +416,38 @@ def test_attention_dropout_overrides_the_config_rate_and_alone_turns_the_others_
     assert trainer.training_model(config_lib.Config(), bert) is bert
 
 
-def test_attention_dropout_trains_a_llama_reproducibly(tmp_path):
-    finals = {}
-    for name, extra in [
-        ("a", ["train.attention_dropout=0.5"]),
-        ("b", ["train.attention_dropout=0.5"]),
-        ("off", []),
-    ]:
-        cfg = llama_config(tmp_path / name, "train.steps=3", *extra)
-        result = trainer.train(cfg, model=tiny_llama(), log=_quiet)
-        finals[name] = np.concatenate(
-            [np.asarray(x).ravel() for x in jax.tree.leaves(delta_lib.trainable(result.adapter))]
-        )
-    np.testing.assert_array_equal(finals["a"], finals["b"])
-    assert np.abs(finals["a"] - finals["off"]).max() > 1e-6
+def trainable_vector(adapter: delta_lib.Adapter) -> np.ndarray:
+    return np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(delta_lib.trainable(adapter))])
+
+
+@pytest.fixture(scope="module")
+def llama_runs(tmp_path_factory):
+    """Three tiny Llama runs in bfloat16 with gradient checkpointing, shared by the bf16 end-to-end
+    and the attention-dropout tests: ``dropout`` and ``dropout_again`` (attention dropout 0.5, the
+    same config twice) and ``off`` (without attention dropout)."""
+    root = tmp_path_factory.mktemp("llama_runs")
+    common = (
+        "train.precision=bfloat16",
+        "train.remat=true",
+        "train.steps=12",
+        "train.learning_rate=0.01",
+        "train.checkpoint_every=100",
+        "train.eval_every=100",
+    )
+    return {
+        name: trainer.train(llama_config(root / name, *common, *extra), model=tiny_llama(), log=_quiet)
+        for name, extra in [
+            ("dropout", ["train.attention_dropout=0.5"]),
+            ("dropout_again", ["train.attention_dropout=0.5"]),
+            ("off", []),
+        ]
+    }
+
+
+def test_attention_dropout_trains_a_llama_reproducibly(llama_runs):
+    a = trainable_vector(llama_runs["dropout"].adapter)
+    np.testing.assert_array_equal(trainable_vector(llama_runs["dropout_again"].adapter), a)
+    assert np.abs(a - trainable_vector(llama_runs["off"].adapter)).max() > 1e-6
 
 
 def test_attention_dropout_on_a_model_without_dropout_is_a_config_error(tmp_path, no_adapter_save):

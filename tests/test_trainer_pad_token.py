@@ -110,5 +110,7 @@ def test_a_tokenizer_without_pad_or_eos_is_one_config_error(padless, tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     tok.eos_token = None
     cfg = config_lib.load_config(None, overrides(tmp_path, model_dir, data))
-    with pytest.raises(config_lib.ConfigError, match=r"'model.path' = .*neither a pad token nor an EOS token"):
+    with pytest.raises(
+        config_lib.ConfigError, match=r"'model.path' = .*neither a pad token nor an EOS token"
+    ):
         trainer.prepare(cfg, tokenizer=tok)

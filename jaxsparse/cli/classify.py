@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 DESCRIPTION = """\
 Classify sentences with the adapter in --adapter DIR (its base model is found from the adapter's
@@ -19,14 +20,22 @@ keeps its own label names). Each line then starts with the adapter directory as 
 before the label), sentences in input order and, within a sentence, adapters in --adapter order;
 --json adds an "adapter" key.
 
+A quantization_aware (QA-SparsePEFT, SQFT) adapter classifies alone, on the GPTQ --model and the
+non-quantized sparse --non-quant-model it was quantized from: each adapted layer is
+dequant(quant(W + masked update)) on --model's grid, exactly the checkpoint `jaxsparse merge
+--non-quant-model` writes. Without --non-quant-model such an adapter is refused (exit 2).
+
 examples:
   jaxsparse classify --adapter runs/default/adapter "A gorgeous, witty film." "Dull and lifeless."
   echo "An unexpected delight." | jaxsparse classify --adapter runs/default/adapter -
   jaxsparse classify --adapter runs/shira/adapter --adapter runs/sparta/adapter "A gorgeous, witty film."
+  jaxsparse classify --adapter runs/sqft_qa/adapter --model runs/gptq --non-quant-model runs/sparse "Superb."
 """
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from jaxsparse.cli.quantization_aware import NON_QUANT_HELP
+
     p = subparsers.add_parser(
         "classify",
         help="classify sentences with a trained adapter",
@@ -41,6 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="adapter directory written by `jaxsparse train`; repeat to classify with several adapters",
     )
     p.add_argument("--model", metavar="PATH", help="base model (path or asset name) if not the adapter's own")
+    p.add_argument("--non-quant-model", metavar="DIR", help=NON_QUANT_HELP)
     p.add_argument(
         "--json", action="store_true", help="print one JSON object per sentence with all probabilities"
     )
@@ -82,15 +92,49 @@ def run(args: argparse.Namespace) -> int:
         )
     if not sentences:
         raise ValueError("no sentences to classify (stdin held only blank lines)")
+    from jaxsparse.cli.quantization_aware import check_non_quant_args
+
+    qa_dir = check_non_quant_args(list(args.adapter), args.non_quant_model, verb="classify")
     if len(args.adapter) > 1:
         return _run_many(args, sentences)
     from jaxsparse.inference import SequenceClassifier
 
     # A bad adapter or model is one line on stderr and exit 2, via jaxsparse.cli.main.
-    clf = SequenceClassifier.from_adapter(args.adapter[0], args.model)
+    if qa_dir is not None:
+        clf = _quantization_aware_classifier(args, qa_dir)
+    else:
+        clf = SequenceClassifier.from_adapter(args.adapter[0], args.model)
     for sentence, row in zip(sentences, clf.classify(sentences), strict=True):
         _print_row(args, None, clf.labels, sentence, row)
     return 0
+
+
+def _quantization_aware_classifier(args: argparse.Namespace, adapter_dir: str) -> Any:
+    """A :class:`~jaxsparse.inference.SequenceClassifier` of a QA adapter merged into its two bases
+    (:func:`jaxsparse.cli.serving.load_served_quantization_aware`)."""
+    from jaxsparse.cli.serving import (
+        base_model_path,
+        check_adapter_dirs,
+        load_served_quantization_aware,
+        shared_tokenizer,
+    )
+    from jaxsparse.inference import AdapterLoadError, SequenceClassifier, adapter_labels
+
+    check_adapter_dirs([adapter_dir])
+    id2label = adapter_labels(adapter_dir)
+    if not id2label:
+        raise AdapterLoadError(f"{adapter_dir}: config.json has no id2label; not a classification adapter")
+    base_path = base_model_path([adapter_dir], args.model)
+    tokenizer = shared_tokenizer([adapter_dir], base_path)
+    served = load_served_quantization_aware(adapter_dir, args.model, args.non_quant_model, verb="classify")
+    if served.model.task != "seq_cls":
+        raise AdapterLoadError(
+            f"{adapter_dir}: a {served.model.task!r} adapter (adapter_config.json task_type); classify needs "
+            "a sequence-classification one"
+        )
+    return SequenceClassifier(
+        served.model, tokenizer, id2label, adapter_dir=adapter_dir, base_model=base_path, method="sqft"
+    )
 
 
 def _print_row(args: argparse.Namespace, adapter: str | None, labels: list[str], sentence: str, row) -> None:

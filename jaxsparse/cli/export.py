@@ -23,6 +23,10 @@ Export an adapter for PyTorch users.
                    ranks (rank_pattern / alpha_pattern where modules differ; each kept component's
                    scale unchanged); prints the size before and after.
 
+An SQFT adapter exports with --format peft as the PEFT LoRA it is, its "sparse_adapter" and
+"quantization_aware" flags kept in adapter_config.json (a quantization-aware one still needs the GPTQ
+base and --non-quant-model wherever it is run: jaxsparse merge, generate, classify).
+
 The base model (--model, or the local path the adapter records) gives the weight shapes of PEFT
 SHiRA and SpaRTA files other tools wrote, and makes a SpaRTA config.json complete (the base's
 config, empty entries for untouched weights). A PEFT LoRA adapter (its file gives every shape) and

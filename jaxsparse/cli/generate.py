@@ -23,6 +23,11 @@ adapter(s) in --adapter DIR (their base model is found from the adapters' config
 --model). --adapter may be repeated: every prompt is then continued once per adapter, all rows in
 one batch where each row runs its own adapter (no merging); the adapters must share one base model.
 
+A quantization_aware (QA-SparsePEFT, SQFT) adapter runs alone, on the GPTQ --model and the
+non-quantized sparse --non-quant-model it was quantized from: each adapted layer is
+dequant(quant(W + masked update)) on --model's grid, exactly the checkpoint `jaxsparse merge
+--non-quant-model` writes. Without --non-quant-model such an adapter is refused (exit 2).
+
 Prints one line per (prompt, adapter), prompts in input order and, within a prompt, adapters in
 --adapter order: the adapter directory as given, the prompt (its first 80 characters), and the
 continuation, separated by tabs, with tabs, newlines and backslashes in the continuation written
@@ -33,6 +38,7 @@ examples:
   jaxsparse generate --adapter runs/lm/adapter --prompt "Once upon a time"
   jaxsparse generate --adapter runs/a/adapter --adapter runs/b/adapter --input prompts.txt --max-new-tokens 64
   echo "The weather today" | jaxsparse generate --adapter runs/lm/adapter --input -
+  jaxsparse generate --adapter runs/sqft_qa/adapter --model runs/gptq --non-quant-model runs/sparse --prompt "Hi"
 """
 
 # Rows of one generation call: more rows are generated in several calls of this size.
@@ -40,6 +46,8 @@ DEFAULT_BATCH_SIZE = 32
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from jaxsparse.cli.quantization_aware import NON_QUANT_HELP
+
     p = subparsers.add_parser(
         "generate",
         help="generate text greedily with one or many adapters in one batch",
@@ -56,6 +64,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model", metavar="PATH", help="base model (path or asset name) if not the one the adapters name"
     )
+    p.add_argument("--non-quant-model", metavar="DIR", help=NON_QUANT_HELP)
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (may be repeated)")
     p.add_argument(
         "--input",
@@ -140,10 +149,18 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     prompts = _read_prompts(args)
     adapter_dirs = list(args.adapter)
-    from jaxsparse.cli.serving import base_model_path, check_adapter_dirs, load_served, shared_tokenizer
+    from jaxsparse.cli.quantization_aware import check_non_quant_args
+    from jaxsparse.cli.serving import (
+        base_model_path,
+        check_adapter_dirs,
+        load_served,
+        load_served_quantization_aware,
+        shared_tokenizer,
+    )
 
     check_adapter_dirs(adapter_dirs)
     _check_adapters_are_causal(adapter_dirs)
+    qa_dir = check_non_quant_args(adapter_dirs, args.non_quant_model, verb="generate")
     base_path = base_model_path(adapter_dirs, args.model)
     tokenizer = shared_tokenizer(adapter_dirs, base_path)
 
@@ -151,7 +168,11 @@ def run(args: argparse.Namespace) -> int:
 
     from jaxsparse import models
 
-    model = models.from_pretrained(base_path, task="causal_lm")
+    if qa_dir is not None:
+        served = load_served_quantization_aware(qa_dir, args.model, args.non_quant_model, verb="generate")
+        model = served.model
+    else:
+        model = models.from_pretrained(base_path, task="causal_lm")
     encoded = [list(tokenizer(p)["input_ids"]) for p in prompts]
     empty = [i for i, ids in enumerate(encoded, 1) if not ids]
     if empty:
@@ -163,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
             f"the longest prompt ({longest - args.max_new_tokens} tokens) + --max-new-tokens "
             f"{args.max_new_tokens} = {longest} exceeds the model's max_position_embeddings {limit}"
         )
-    served = load_served(adapter_dirs, model)
+    if qa_dir is None:
+        served = load_served(adapter_dirs, model)
     # Rows: every prompt once per adapter, prompt-major.
     row_prompt = np.repeat(np.arange(len(prompts)), len(adapter_dirs))
     row_adapter = np.tile(np.arange(len(adapter_dirs)), len(prompts))

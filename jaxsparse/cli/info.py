@@ -16,7 +16,9 @@ from typing import Any
 
 DESCRIPTION = """\
 Describe an adapter directory (PEFT SHiRA / LoRA, SpaRTA, or a full fine-tuned model): method,
-base model, targeted modules, trained entries k per layer, density, and size on disk.
+base model, targeted modules, trained entries k per layer, density, and size on disk. For an SQFT
+adapter also its flags: sparse_adapter and quantization_aware (a QA-SparsePEFT adapter runs only on
+a GPTQ --model plus the --non-quant-model it was quantized from).
 
 examples:
   jaxsparse info runs/default/adapter
@@ -139,6 +141,11 @@ def adapter_info(adapter_dir: str | os.PathLike) -> dict[str, Any]:
             modules_to_save=cfg.get("modules_to_save"),
             r=cfg.get("r"),
         )
+        if is_sqft:
+            # SQFT's flags decide which base the adapter needs: a quantization-aware one is only
+            # correct on a GPTQ model plus the sparse model it was quantized from.
+            info["sparse_adapter"] = cfg.get("sparse_adapter") is True
+            info["quantization_aware"] = cfg.get("quantization_aware") is True
         for key, shape in shapes.items():
             name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
             if name.endswith(SHIRA_INDICES):
@@ -274,6 +281,11 @@ def format_info(info: dict[str, Any]) -> str:
         return "\n".join(lines)
     if info.get("r") is not None:
         lines.append(f"r:            {info['r']}")
+    if "quantization_aware" in info:
+        qa = info["quantization_aware"]
+        note = " (QA-SparsePEFT: needs the GPTQ base as --model and the sparse base as --non-quant-model)"
+        flags = f"sparse_adapter={info['sparse_adapter']}, quantization_aware={qa}"
+        lines.append(f"sqft flags:   {flags}{note if qa else ''}")
     targets = info.get("target_modules")
     if isinstance(targets, list) and len(targets) > 6:
         # PEFT configs may list every adapted module path: show the distinct module names.

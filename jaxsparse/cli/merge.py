@@ -65,18 +65,15 @@ def run(args: argparse.Namespace) -> int:
     from jaxsparse.adapter_io import load_adapter
     from jaxsparse.atomic import atomic_dir, check_output_dir
     from jaxsparse.cli.common import describe, load_base_for_adapter
+    from jaxsparse.cli.quantization_aware import check_non_quant_args
     from jaxsparse.models import load_tokenizer, save_pretrained
     from jaxsparse.models.hub import parse_size
 
     # A bad size or output fails before any model is loaded.
     parse_size(args.max_shard_size)
     check_output_dir(args.output, overwrite=args.overwrite)
-    if _quantization_aware(args.adapter):
+    if check_non_quant_args([args.adapter], args.non_quant_model, verb="merge"):
         return _merge_quantization_aware(args)
-    if args.non_quant_model is not None:
-        raise ValueError(
-            f"--non-quant-model is only for a quantization_aware (QA-SparsePEFT) adapter; {args.adapter} is not one"
-        )
     model, _ = load_base_for_adapter(args.model, args.adapter, verb="merge")
     adapter = load_adapter(args.adapter, model=model)
     merged_params, _ = merge.merge(model.params, adapter)
@@ -96,57 +93,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quantization_aware(adapter_dir: str) -> bool:
-    """Whether ``adapter_dir`` is a PEFT LoRA directory whose config carries SQFT's
-    ``"quantization_aware": true`` (other formats and unreadable configs: no; loading reports those)."""
-    import json
-    import os
-
-    path = os.path.join(adapter_dir, "adapter_config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(raw, dict) and raw.get("peft_type") == "LORA" and raw.get("quantization_aware") is True
-
-
 def _merge_quantization_aware(args: argparse.Namespace) -> int:
     """QA-SparsePEFT's merge (SQFT's ``utils/merge.py`` with ``--non_quant_base_model_path``): a GPTQ
     checkpoint whose adapted layers hold ``quantize(W + masked update)`` on the GPTQ base's grid."""
-    from jaxsparse.adapter_io import load_adapter
+    from jaxsparse import tree as tree_lib
     from jaxsparse.atomic import atomic_dir
-    from jaxsparse.cli.common import describe, load_base_for_adapter
-    from jaxsparse.convert.peft_lora import lora_config_from_peft, read_adapter_config
+    from jaxsparse.cli.common import describe
+    from jaxsparse.cli.quantization_aware import load_quantization_aware
     from jaxsparse.methods import sqft
     from jaxsparse.models import load_tokenizer
-    from jaxsparse.quant.qa_base import gptq_config, read_grids
     from jaxsparse.quant.save import save_gptq
 
-    if args.non_quant_model is None:
-        raise ValueError(
-            f"{args.adapter} is a quantization_aware (QA-SparsePEFT) adapter: pass --non-quant-model, the "
-            "non-quantized sparse model the GPTQ --model was quantized from (SQFT's --non_quant_base_model_path)"
-        )
-    if gptq_config(args.non_quant_model) is not None:
-        raise ValueError(
-            f"--non-quant-model {args.non_quant_model} is a GPTQ checkpoint; it must be the non-quantized "
-            "sparse model the GPTQ --model was quantized from"
-        )
-    qconfig, base_layers = read_grids(args.model, what="--model")
-    config = lora_config_from_peft(read_adapter_config(args.adapter), source=args.adapter)
-    model, _ = load_base_for_adapter(args.model, args.adapter, verb="merge")
-    non_quant, _ = load_base_for_adapter(args.non_quant_model, args.adapter, verb="merge")
-    params = sqft.qa_base_params(
-        model.params,
-        non_quant.params,
-        config,
-        gptq=f"--model {args.model}",
-        non_quant=f"--non-quant-model {args.non_quant_model}",
+    qa = load_quantization_aware(args.model, args.non_quant_model, args.adapter, verb="merge")
+    adapter, qconfig = qa.adapter, qa.qconfig
+    layers = sqft.merged_gptq_layers(qa.model.params, adapter, qa.layers)
+    # Unquantized leaves are written from the GPTQ model, with the adapter's full tensors
+    # (modules_to_save, e.g. a classifier head) in place.
+    model = dataclasses.replace(
+        qa.gptq_model, params=tree_lib.replace_leaves(qa.gptq_model.params, adapter.dense)
     )
-    adapter = load_adapter(args.adapter, model=dataclasses.replace(model, params=params))
-    adapter = sqft.with_qa_grids(adapter, base_layers, source=args.adapter)
-    layers = sqft.merged_gptq_layers(params, adapter, base_layers)
     try:
         tokenizer = load_tokenizer(args.model)
     except (OSError, ValueError, TypeError, KeyError):

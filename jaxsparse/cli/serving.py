@@ -3,7 +3,8 @@
 :func:`base_model_path` finds the one base model the adapters name (or ``--model``),
 :func:`shared_tokenizer` the one tokenizer their rows are encoded with, and :func:`load_served`
 loads every adapter onto the base and stacks them (:func:`jaxsparse.serve.stack_adapters`), each
-failure naming the adapter directory.
+failure naming the adapter directory. A quantization-aware (QA-SparsePEFT) adapter is served alone on
+its two bases (:func:`load_served_quantization_aware`): a GPTQ ``--model`` and ``--non-quant-model``.
 
 Example:
     >>> check_adapter_dirs(["/nonexistent/adapter"])
@@ -128,3 +129,20 @@ def load_served(adapter_dirs: list[str], model: Any) -> Served:
                 raise serve.ServeError(f"{d}: cannot be served per row in one batch: {one}") from None
         raise serve.ServeError(f"{', '.join(adapter_dirs)}: cannot be served in one batch: {e}") from None
     return Served(model, model.params, bank, list(adapter_dirs))
+
+
+def load_served_quantization_aware(
+    adapter_dir: str, model_path: str | None, non_quant_path: str, *, verb: str
+) -> Served:
+    """One quantization-aware adapter (:func:`jaxsparse.cli.quantization_aware.check_non_quant_args`)
+    merged into its bases as ``jaxsparse merge --non-quant-model`` writes it: each adapted layer
+    ``dequant(quant(W + masked update))`` on the GPTQ ``model_path``'s grid, every other layer the GPTQ
+    model's (:func:`jaxsparse.cli.quantization_aware.load_quantization_aware`)."""
+    import dataclasses
+
+    from jaxsparse.cli.quantization_aware import load_quantization_aware
+    from jaxsparse.delta import apply
+
+    qa = load_quantization_aware(model_path, non_quant_path, adapter_dir, verb=verb)
+    merged = dataclasses.replace(qa.model, params=apply(qa.model.params, qa.adapter))
+    return Served(merged, merged.params, None, [adapter_dir])

@@ -17,60 +17,15 @@ import transformers
 from safetensors.numpy import load_file
 
 from jaxsparse.cli import main
-from tests.cli.tiny_llama import TEXT, tiny_llama
+from tests.cli.sqft_qa import train_argv as _train_argv
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory):
-    """(dense, sparse, gptq) directories: the tiny Llama, magnitude-pruned to 50%, 4-bit in GPTQ layout."""
-    root = tmp_path_factory.mktemp("qa")
-    dense = root / "dense"
-    tiny_llama(dense).save_pretrained(dense)
-    sparse, gptq = root / "sparse", root / "gptq"
-    prune = ["prune", "--model", str(dense), "--method", "magnitude", "--sparsity", "0.5"]
-    assert main([*prune, "--output", str(sparse)]) == 0
-    # RTN writes the same GPTQ layout as --method gptq in a fraction of the time (GPTQ's own grids,
-    # act-order g_idx included, are covered in tests/methods/test_sqft_qa.py).
-    quantize = ["quantize", "--model", str(sparse), "--method", "rtn", "--bits", "4", "--group-size", "16"]
-    assert main([*quantize, "--output", str(gptq)]) == 0
-    return dense, sparse, gptq
-
-
-def _train_argv(root, sparse, gptq, run, *extra):
-    text = root / "train.txt"
-    text.write_text("\n".join(TEXT.split(" and ")))  # one document per line
-    return [
-        "train",
-        "--set", "method=sqft",
-        "--set", "task=causal_lm",
-        "--set", f"model.path={gptq}",
-        "--set", f"model.non_quant_path={sparse}",
-        "--set", "data.source=text",
-        "--set", f"data.path={text}",
-        "--set", "data.max_length=16",
-        "--set", "data.eval_size=0.2",
-        "--set", "adapter.r=8",
-        "--set", "adapter.lora_alpha=16",
-        "--set", "adapter.lora_dropout=0.1",
-        "--set", "adapter.sparse_adapter=true",
-        "--set", "adapter.quantization_aware=true",
-        "--set", "adapter.nls_target_modules=[q_proj,k_proj,v_proj]",
-        "--set", "adapter.search_space=[8,6,4]",
-        "--set", "adapter.modules_to_save=null",
-        "--set", "train.steps=4",
-        "--set", "train.batch_size=2",
-        "--set", "train.eval_batch_size=4",
-        "--set", "train.learning_rate=0.01",
-        "--set", "train.warmup_steps=0",
-        "--set", "train.eval_every=4",
-        "--set", "train.log_every=2",
-        "--set", "train.checkpoint_every=4",
-        "--set", "train.progress=false",
-        "--output", str(run),
-        *extra,
-    ]  # fmt: skip
+@pytest.fixture
+def bases(qa_bases):
+    """(dense, sparse, gptq): the session's tiny QA bases (tests/cli/conftest.py)."""
+    return qa_bases
 
 
 def _one_line(capsys, verb):
@@ -86,7 +41,7 @@ def _hf_kernels(directory) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_prune_quantize_train_qa_extract_merge_check_sparsity(bases, tmp_path, capsys):
+def test_prune_quantize_train_qa_extract_merge_check_sparsity(bases, qa_run, tmp_path, capsys):
     from jaxsparse import delta as delta_lib
     from jaxsparse.adapter_io import load_adapter
     from jaxsparse.convert.peft_lora import lora_config_from_peft, read_adapter_config
@@ -95,8 +50,7 @@ def test_prune_quantize_train_qa_extract_merge_check_sparsity(bases, tmp_path, c
     from jaxsparse.quant.qa_base import read_grids
 
     _, sparse, gptq = bases
-    run = tmp_path / "run"
-    assert main(_train_argv(tmp_path, sparse, gptq, run)) == 0, capsys.readouterr().err
+    run = qa_run  # the session's 4-step QA training run (tests/cli/conftest.py)
     capsys.readouterr()
     adapter = run / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -170,7 +124,9 @@ def test_prune_quantize_train_qa_extract_merge_check_sparsity(bases, tmp_path, c
     # --- bad input: one line, exit 2, nothing written -----------------------------------------
     bad = tmp_path / "bad"
     assert main([*argv[:3], *argv[5:], "--output", str(bad)]) == 2  # no --non-quant-model
-    assert "pass --non-quant-model" in _one_line(capsys, "merge") and not bad.exists()
+    err = _one_line(capsys, "merge")
+    assert f"adapter {sub} is quantization-aware (adapter_config.json): pass the GPTQ base as --model" in err
+    assert err.endswith("and the sparse base as --non-quant-model") and not bad.exists()
     wrong = ["merge", "--model", str(sparse), "--non-quant-model", str(sparse), "--adapter", str(sub)]
     assert main([*wrong, "--output", str(bad)]) == 2  # --model is not the GPTQ base
     assert "is not a GPTQ checkpoint" in _one_line(capsys, "merge") and not bad.exists()

@@ -7,6 +7,7 @@ against shape-only params still keeps the zeros when merged later."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,17 @@ def _sparse_params(seed: int = 0) -> dict:
 
 
 def _grids(params: dict, *, act_order: bool = False) -> dict:
-    """GPTQ grids of every kernel (4 bits, groups of 8), from a random input Hessian."""
+    """GPTQ grids of every kernel of :func:`_sparse_params` (4 bits, groups of 8), from a random
+    input Hessian (computed once per ``act_order``: GPTQ compiles per shape)."""
+    assert all(
+        np.array_equal(params["layer"][n]["kernel"], _sparse_params()["layer"][n]["kernel"]) for n in SHAPES
+    )
+    return _gptq_grids(act_order)
+
+
+@functools.cache
+def _gptq_grids(act_order: bool) -> dict:
+    params = _sparse_params()
     rng = np.random.default_rng(1)
     grids = {}
     for name, module in params["layer"].items():
