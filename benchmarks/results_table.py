@@ -44,14 +44,16 @@ METHODS: dict[str, list[str]] = {
     "sparta": ["method=sparta", "adapter.density=0.0314", "train.learning_rate=3e-3"],
     "lora": ["method=lora", "adapter.r=8", "adapter.lora_alpha=16", "train.learning_rate=2e-3"],
     "full": ["method=full", "train.learning_rate=1e-4"],
+    # Seed-0 held-out accuracy of the learning rates tried: 2e-3 0.7824, 5e-3 0.7909, 1e-2 0.7815.
     "sparse_lora": [
         "method=sparse_lora",
         "adapter.r=8",
         "adapter.lora_alpha=16",
         "adapter.lora_dropout=0.1",
-        "adapter.sparsity=0.5",
+        "adapter.sparsity=0.5",  # the card's 50%; named because a null adapter.sparsity is refused today
         "train.learning_rate=5e-3",
     ],
+    # Seed-0 held-out accuracy of the learning rates tried: 1e-3 0.8061, 2e-3 0.7985, 4e-3 0.7512.
     "rank_sparse_lora": [
         "method=rank_sparse_lora",
         "adapter.target_modules=all-linear",  # LoRA's modules (the lora method's default)
@@ -60,7 +62,7 @@ METHODS: dict[str, list[str]] = {
         "adapter.lora_dropout=0.05",
         "adapter.target_density=0.125",
         "adapter.importance_lambda=0.15",
-        "train.learning_rate=2e-3",
+        "train.learning_rate=1e-3",
     ],
 }
 # Methods whose row also evaluates a pruned export: the retain_ratio of save_pruned_checkpoint.

@@ -54,8 +54,11 @@ class Method:
 
     def config_from(self, values: Mapping[str, Any], **common: Any) -> Any:
         """The method's config from the training config's ``values`` (dotted keys, as in
-        ``yaml_keys``) and the shared fields in ``common``; a key absent from ``values`` keeps the
-        config class's default for its field (``KeyError`` if the field has none)."""
+        ``yaml_keys``) and the shared fields in ``common``; a key absent from ``values``, or null
+        there, keeps the config class's default for its field (``KeyError`` if the field has none).
+
+        Null means "this method's default" because some YAML keys are shared by several methods
+        with different defaults (``adapter.sparsity``: SpaRTA's budget, sparse LoRA's pruning)."""
         fields = {f.name: f for f in dataclasses.fields(self.config_class)}
 
         def has_default(field: str) -> bool:
@@ -67,7 +70,11 @@ class Method:
         missing = [k for k, f in self.yaml_keys.items() if k not in values and not has_default(f)]
         if missing:
             raise KeyError(f"method {self.name!r} needs the config keys {missing}")
-        kwargs = {field: values[key] for key, field in self.yaml_keys.items() if key in values}
+        kwargs = {
+            field: values[key]
+            for key, field in self.yaml_keys.items()
+            if key in values and not (values[key] is None and has_default(field))
+        }
         if common.get("target_modules") is None and self.default_target_modules is not None:
             common = {**common, "target_modules": self.default_target_modules}
         return self.config_class(**common, **kwargs)

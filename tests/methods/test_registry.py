@@ -84,3 +84,16 @@ def test_a_target_that_does_not_fit_is_a_config_error():
     params = {"query": {"kernel": jnp.ones((4, 4))}}
     with pytest.raises(config_lib.ConfigError, match=r"'adapter.target_modules' = \['q_proj'\]"):
         trainer.build_adapter(cfg, params)
+
+
+def test_a_null_shared_key_is_the_methods_own_default():
+    """``adapter.sparsity`` is shared by SpaRTA (their budget, no default) and sparse LoRA (the pruned
+    fraction, default 0.5): absent or null, sparse LoRA gets its own default, not None."""
+    from jaxsparse.methods import sparse_lora
+
+    steps = ("train.steps=100",)
+    default = sparse_lora.SparseLoraConfig.__dataclass_fields__["sparsity"].default
+    assert default == 0.5
+    assert trainer.method_config(_cfg("method=sparse_lora", *steps)).sparsity == default
+    assert trainer.method_config(_cfg("method=sparse_lora", "adapter.sparsity=null", *steps)).sparsity == default
+    assert trainer.method_config(_cfg("method=sparse_lora", "adapter.sparsity=0.3", *steps)).sparsity == 0.3
