@@ -95,5 +95,7 @@ def test_a_null_shared_key_is_the_methods_own_default():
     default = sparse_lora.SparseLoraConfig.__dataclass_fields__["sparsity"].default
     assert default == 0.5
     assert trainer.method_config(_cfg("method=sparse_lora", *steps)).sparsity == default
-    assert trainer.method_config(_cfg("method=sparse_lora", "adapter.sparsity=null", *steps)).sparsity == default
+    assert (
+        trainer.method_config(_cfg("method=sparse_lora", "adapter.sparsity=null", *steps)).sparsity == default
+    )
     assert trainer.method_config(_cfg("method=sparse_lora", "adapter.sparsity=0.3", *steps)).sparsity == 0.3
