@@ -214,6 +214,12 @@ class Checkpointer:
             with _quiet_orbax_errors():
                 return bool(self._manager.save(step, args=args, force=True))
         except Exception as e:
+            # The other items' writes of this step may still be running in orbax's threads; when
+            # they fail too (the same full disk), they log a traceback through absl, possibly at
+            # interpreter shutdown. The failure is raised here, once: theirs stay quiet.
+            logging.getLogger("absl").addFilter(_DropOrbaxErrors())
+            with contextlib.suppress(Exception):
+                self._manager.wait_until_finished()
             storage = _storage_error(e, os.path.join(self.directory, str(step)))
             if storage is None:
                 raise
