@@ -112,6 +112,7 @@ class SequenceClassifier:
         from jaxsparse import models
         from jaxsparse.adapter_io import adapter_format, load_adapter
         from jaxsparse.delta import apply
+        from jaxsparse.methods.sqft import is_quantization_aware
 
         d = Path(adapter_dir)
         if not d.is_dir():
@@ -131,6 +132,14 @@ class SequenceClassifier:
                 batch_size=batch_size,
             )
         fmt = adapter_format(d)
+        if is_quantization_aware(d):
+            # Its layers are dequant(quant(W + update)) on a GPTQ base's grid: applied to a plain base
+            # as SparsePEFT it would give other numbers, silently.
+            raise AdapterLoadError(
+                f"{d / 'adapter_config.json'}: a quantization-aware (QA-SparsePEFT) adapter needs its GPTQ base and "
+                "the sparse base it was quantized from: use `jaxsparse classify --model GPTQ --non-quant-model SPARSE` "
+                "or merge it with `jaxsparse merge --non-quant-model`"
+            )
         base_name = adapter_base_model(d)
         if id2label is None and (model is None or isinstance(model, (str, os.PathLike))):
             raise AdapterLoadError(

@@ -13,15 +13,12 @@ the flag without a QA adapter), rather than silently serving the adapter as plai
 
 Example:
     >>> import tempfile
-    >>> is_quantization_aware(tempfile.mkdtemp())  # no adapter_config.json: not a QA adapter
-    False
     >>> check_non_quant_args([tempfile.mkdtemp()], None, verb="generate")  # nothing to refuse
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -30,18 +27,6 @@ NON_QUANT_HELP = (
     "for a quantization_aware (QA-SparsePEFT) adapter: the non-quantized sparse model the GPTQ --model was "
     "quantized from (the weights each adapted layer adds its update to before rounding onto --model's grid)"
 )
-
-
-def is_quantization_aware(adapter_dir: str | os.PathLike) -> bool:
-    """Whether ``adapter_dir`` is a PEFT LoRA directory whose ``adapter_config.json`` carries SQFT's
-    ``"quantization_aware": true`` (other formats and unreadable configs: no; loading reports those)."""
-    path = os.path.join(os.fspath(adapter_dir), "adapter_config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(raw, dict) and raw.get("peft_type") == "LORA" and raw.get("quantization_aware") is True
 
 
 def needs_both_bases(adapter_dir: str | os.PathLike) -> str:
@@ -57,6 +42,8 @@ def check_non_quant_args(adapter_dirs: list[str], non_quant_model: str | None, *
     ``verb`` cannot compute correctly: a QA adapter without ``non_quant_model``, a QA adapter beside
     other adapters (its layers are whole re-quantized matrices, which per-row serving cannot share),
     ``non_quant_model`` without a QA adapter. ``ValueError``, one line naming the flag and the file."""
+    from jaxsparse.methods.sqft import is_quantization_aware
+
     qa = [d for d in adapter_dirs if is_quantization_aware(d)]
     if not qa:
         if non_quant_model is not None:

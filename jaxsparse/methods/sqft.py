@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import os
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -69,6 +71,24 @@ ELASTIC_CONFIG_NAME = "elastic_adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 # The fields SQFT's patched PEFT LoraConfig adds to adapter_config.json.
 PEFT_FLAGS = ("sparse_adapter", "quantization_aware")
+
+
+def is_quantization_aware(adapter_dir: str | os.PathLike) -> bool:
+    """Whether ``adapter_dir`` is a PEFT LoRA directory whose ``adapter_config.json`` carries SQFT's
+    ``"quantization_aware": true`` (other formats and unreadable configs: no; loading reports those).
+
+    Example:
+        >>> import tempfile
+        >>> is_quantization_aware(tempfile.mkdtemp())  # no adapter_config.json: not a QA adapter
+        False
+    """
+    path = os.path.join(os.fspath(adapter_dir), "adapter_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("peft_type") == "LORA" and raw.get("quantization_aware") is True
 
 
 class SparseBaseWarning(UserWarning):

@@ -145,6 +145,13 @@ def test_classify_with_non_quant_model_equals_the_merged_gptq_checkpoint(qa_base
     config.architectures = ["LlamaForSequenceClassification"]
     config.save_pretrained(str(out))  # the labels, as `jaxsparse train` writes them beside the adapter
     assert json.loads((out / "adapter_config.json").read_text())["quantization_aware"] is True
+    # The Python API cannot take the two bases: it refuses rather than serve plain SparsePEFT.
+    from jaxsparse.inference import AdapterLoadError, SequenceClassifier
+
+    with pytest.raises(
+        AdapterLoadError, match=r"adapter_config.json: a quantization-aware .* --non-quant-model"
+    ):
+        SequenceClassifier.from_adapter(out, str(sparse))
 
     def probabilities(*argv):
         capsys.readouterr()
