@@ -24,18 +24,7 @@ from jaxsparse.models import from_torch  # noqa: E402
 NLS = ["q_proj", "k_proj", "v_proj"]
 
 
-@pytest.fixture(scope="module")
-def llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+from tests.convert.test_peft_lora import llama  # noqa: E402, F401  (a fixture)
 
 
 @pytest.fixture(scope="module")
