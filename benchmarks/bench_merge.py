@@ -6,7 +6,9 @@ random values) on the torch model and saves them; jaxsparse loads those files wi
 
 - the floor: one jitted, donated scatter-add of the same k entries (sorted random positions) into
   one flat float32 buffer of the targeted weights' total size; every op is reported as a multiple
-  of it (``x floor``) and as PEFT's time over ours, both from medians of the same run;
+  of it (``x floor``) and as PEFT's time over ours, both from medians of the same run; a switch
+  writes 2k entries (A's back, B's new), so it is also reported against the same scatter-add of
+  2k entries;
 - jaxsparse: ``merge.merge(params, a, donate=True)``, ``merge.switch(..., a, saved, b, donate=True)``,
   ``merge.unmerge(..., b, saved, donate=True)`` (jitted scatters, weights updated in place), plus
   ``merge.merge(params, a)`` without donation (copies every targeted weight; compared with one copy
@@ -160,6 +162,12 @@ def bench_one(
         lambda buf, idx, v: buf.at[idx].add(v, indices_are_sorted=True, unique_indices=True), donate_argnums=0
     )
     state["floor"] = floor_scatter(jax.numpy.zeros(numel_total, jax.numpy.float32), floor_idx, floor_val)
+    # A switch writes A's k entries back and B's k entries: its floor is the same scatter-add of
+    # 2k entries (a union of two random index sets, as A's and B's are).
+    floor2_idx = jax.numpy.asarray(
+        np.sort(rng.choice(numel_total, size=2 * k_total, replace=False)).astype(np.int32)
+    )
+    floor2_val = jax.numpy.asarray(rng.standard_normal(2 * k_total).astype(np.float32))
     copy_targets = jax.jit(lambda ws: {p: w.copy() for p, w in ws.items()})
     from jaxsparse.tree import get_leaf
 
@@ -168,6 +176,10 @@ def bench_one(
 
     def jax_floor() -> None:
         state["floor"] = floor_scatter(state["floor"], floor_idx, floor_val)
+        state["floor"].block_until_ready()
+
+    def jax_floor_2k() -> None:
+        state["floor"] = floor_scatter(state["floor"], floor2_idx, floor2_val)
         state["floor"].block_until_ready()
 
     def jax_copy() -> None:
@@ -261,6 +273,7 @@ def bench_one(
 
     fns = {
         "floor": jax_floor,
+        "floor 2k (the switch's writes)": jax_floor_2k,
         "jax copy of targeted weights": jax_copy,
         "jax merge (copy, no donation)": jax_merge_copy,
         "jax validate only": jax_validate,
@@ -306,6 +319,8 @@ def bench_one(
             **{f"jax {op}": med[f"jax {op}"] / floor for op in ops},
             **{f"peft {op}": med[f"peft {op}"] / floor for op in ops},
         },
+        "floor_2k_ms (median)": med["floor 2k (the switch's writes)"],
+        "switch_multiple_of_floor_2k (median)": med["jax switch"] / med["floor 2k (the switch's writes)"],
         "copy_merge_vs_copy_plus_floor": med["jax merge (copy, no donation)"]
         / (med["jax copy of targeted weights"] + floor),
         "shira_merge_speedup_over_lora_merge (median)": {

@@ -358,6 +358,29 @@ def test_remembered_indices_still_get_the_structural_checks():
         merge_lib.merge(params, Adapter({"a.kernel": SparseDelta(d.indices, d.values[:3], d.shape)}))
 
 
+def test_a_fitted_delta_skips_the_per_path_checks_only_for_the_weight_it_fitted(monkeypatch):
+    # After one merge of a validated adapter, later merges skip the per-path checks (a few hundred
+    # paths per call on a real model); a weight of another dtype or shape is checked again.
+    rng = np.random.default_rng(12)
+    params = _params(rng)
+    a = _adapter(rng, dense=())
+    merge_lib.validate(params, a)
+    merge_lib.merge(params, a)
+    checks = []
+    real = merge_lib._check_sparse
+    monkeypatch.setattr(merge_lib, "_check_sparse", lambda *args: (checks.append(args[0]), real(*args)))
+    merged, saved = merge_lib.merge(params, a)
+    assert checks == []
+    _assert_tree_bits(merged, _np_merge(params, a))
+    as_ints = {**params, "a": {**params["a"], "kernel": params["a"]["kernel"].astype(jnp.int32)}}
+    with pytest.raises(AdapterError, match=r"'a\.kernel': the weight has dtype int32, expected a float dtype"):
+        merge_lib.merge(as_ints, a)
+    assert checks == ["a.kernel"]
+    other = _params(rng, dtype=np.float16)  # float16 weights fit too: checked once, then remembered
+    merge_lib.merge(other, a)
+    assert checks == ["a.kernel", "a.kernel", "b.kernel"]
+
+
 def test_indices_checked_for_one_shape_are_checked_again_for_another():
     # The same index array, in range for a 36-entry weight, is out of range for the 30-entry one.
     params = _params(np.random.default_rng(11))
