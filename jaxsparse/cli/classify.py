@@ -34,7 +34,7 @@ examples:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from jaxsparse.cli.quantization_aware import NON_QUANT_HELP
+    from jaxsparse.cli.serving import add_served_args
 
     p = subparsers.add_parser(
         "classify",
@@ -42,15 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--adapter",
-        required=True,
-        action="append",
-        metavar="DIR",
-        help="adapter directory written by `jaxsparse train`; repeat to classify with several adapters",
-    )
-    p.add_argument("--model", metavar="PATH", help="base model (path or asset name) if not the adapter's own")
-    p.add_argument("--non-quant-model", metavar="DIR", help=NON_QUANT_HELP)
+    add_served_args(p, adapters="adapter directory written by `jaxsparse train` (or imported)")
     p.add_argument(
         "--json", action="store_true", help="print one JSON object per sentence with all probabilities"
     )

@@ -46,7 +46,7 @@ DEFAULT_BATCH_SIZE = 32
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from jaxsparse.cli.quantization_aware import NON_QUANT_HELP
+    from jaxsparse.cli.serving import add_served_args
 
     p = subparsers.add_parser(
         "generate",
@@ -54,17 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--adapter",
-        required=True,
-        action="append",
-        metavar="DIR",
-        help="adapter directory (PEFT SHiRA/LoRA or SpaRTA) of a causal LM; repeat for several adapters",
-    )
-    p.add_argument(
-        "--model", metavar="PATH", help="base model (path or asset name) if not the one the adapters name"
-    )
-    p.add_argument("--non-quant-model", metavar="DIR", help=NON_QUANT_HELP)
+    add_served_args(p, adapters="adapter directory (PEFT SHiRA/LoRA or SpaRTA) of a causal LM")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (may be repeated)")
     p.add_argument(
         "--input",

@@ -33,6 +33,26 @@ class Served:
     adapter_dirs: list[str]
 
 
+def add_served_args(parser: Any, *, adapters: str) -> None:
+    """The arguments of a serving verb: ``--adapter DIR`` (repeatable), ``--model``, ``--non-quant-model``.
+
+    ``adapters`` says which adapter directories the verb serves (the ``--adapter`` help).
+    """
+    from jaxsparse.cli.quantization_aware import NON_QUANT_HELP
+
+    parser.add_argument(
+        "--adapter",
+        required=True,
+        action="append",
+        metavar="DIR",
+        help=f"{adapters}; repeat to serve several adapters, one per row, in one batch",
+    )
+    parser.add_argument(
+        "--model", metavar="PATH", help="base model (path or asset name) if not the one the adapters name"
+    )
+    parser.add_argument("--non-quant-model", metavar="DIR", help=NON_QUANT_HELP)
+
+
 def check_adapter_dirs(adapter_dirs: list[str]) -> None:
     from jaxsparse.inference import AdapterLoadError, is_full_model
 
