@@ -126,6 +126,7 @@ def _merge_quantization_aware(args: argparse.Namespace) -> int:
             damp_percent=float(qconfig.get("damp_percent", 0.01)),
             checkpoint_format=qconfig.get("checkpoint_format") or "gptq",
             method=str(meta.get("method", "gptq")),
+            max_shard_size=args.max_shard_size,
         )
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

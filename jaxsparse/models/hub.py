@@ -553,21 +553,37 @@ def save_pretrained(
     with atomic_dir(out_dir, overwrite=overwrite, format="huggingface") as tmp_dir:
         tmp = Path(tmp_dir)
         config.save_pretrained(str(tmp))
-        state = to_state_dict(model)
-        shards = shard_state_dict(state, max_bytes)
-        if len(shards) == 1:
-            write_safetensors(tmp / "model.safetensors", state, metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, start=1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                write_safetensors(tmp / name, shard, metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, name))
-            index = {
-                "metadata": {"total_size": sum(int(np.asarray(v).nbytes) for v in state.values())},
-                "weight_map": dict(sorted(weight_map.items())),
-            }
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_checkpoint(tmp, to_state_dict(model), max_bytes)
+
+
+def write_checkpoint(directory: str | os.PathLike, state: Mapping[str, np.ndarray], max_bytes: int) -> None:
+    """Write ``state`` into ``directory`` as transformers does: ``model.safetensors`` when it fits in
+    ``max_bytes``, else ``model-0000i-of-0000N.safetensors`` shards and ``model.safetensors.index.json``.
+
+    ``directory`` is a fresh (temporary) directory; :func:`read_checkpoint` reads either form back.
+
+    Example:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> write_checkpoint(d, {k: np.zeros(10, np.float32) for k in "abc"}, 80)
+        >>> sorted(p.name for p in Path(d).iterdir())[0], sorted(read_checkpoint(d))
+        ('model-00001-of-00002.safetensors', ['a', 'b', 'c'])
+    """
+    directory = Path(directory)
+    shards = shard_state_dict(state, max_bytes)
+    if len(shards) == 1:
+        write_safetensors(directory / "model.safetensors", state, metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(directory / name, shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {
+        "metadata": {"total_size": sum(int(np.asarray(v).nbytes) for v in state.values())},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:

@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxsparse.atomic import atomic_dir
 from jaxsparse.models.base import Model, architecture
-from jaxsparse.models.hub import to_state_dict, write_safetensors
+from jaxsparse.models.hub import parse_size, to_state_dict, write_checkpoint
 from jaxsparse.models.naming import _is_fan_in_fan_out
 from jaxsparse.quant.checkpoint import quantization_config
 from jaxsparse.quant.grid import QuantizedWeight
@@ -47,13 +47,16 @@ def save_gptq(
     damp_percent: float = 0.01,
     checkpoint_format: str = "gptq",
     method: str = "gptq",
+    max_shard_size: int | str = "50GB",
     overwrite: bool = False,
 ) -> None:
     """Write ``model`` with the linears named in ``quantized`` (module path -> kernel) in GPTQ layout.
 
     All quantized kernels must share ``bits``/``group_size``/``sym`` (one ``quantization_config``).
-    The directory appears complete or not at all (:func:`jaxsparse.atomic.atomic_dir`).
+    Tensors above ``max_shard_size`` in all are sharded as :func:`jaxsparse.models.save_pretrained`
+    shards them. The directory appears complete or not at all (:func:`jaxsparse.atomic.atomic_dir`).
     """
+    max_bytes = parse_size(max_shard_size)
     if not quantized:
         raise ValueError("no quantized layers to write")
     specs = {(q.bits, q.group_size, q.sym) for q in quantized.values()}
@@ -91,4 +94,4 @@ def save_gptq(
     with atomic_dir(out_dir, overwrite=overwrite, format="huggingface-gptq") as tmp:
         config.save_pretrained(str(tmp))
         (Path(tmp) / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
-        write_safetensors(Path(tmp) / "model.safetensors", state, metadata={"format": "pt"})
+        write_checkpoint(tmp, state, max_bytes)

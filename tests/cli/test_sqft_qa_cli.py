@@ -117,6 +117,23 @@ def test_prune_quantize_train_qa_extract_merge_check_sparsity(bases, qa_run, tmp
     base_logits = gq.apply_fn(gq.params, ids, mask)
     assert np.abs(np.asarray(merged_logits) - np.asarray(base_logits)).max() > 1e-4  # the adapter acts
 
+    # --max-shard-size shards the GPTQ checkpoint as transformers does; the tensors are the same.
+    sharded = tmp_path / "sharded"
+    assert main([*argv, "--output", str(sharded), "--max-shard-size", "10KB"]) == 0, capsys.readouterr().err
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and not (sharded / "model.safetensors").exists()
+    from jaxsparse.models import read_checkpoint
+
+    back_sharded = read_checkpoint(sharded)
+    for shard in shards:  # at most 10 kB of tensors per file, unless one tensor alone is larger
+        held = [k for k, f in index["weight_map"].items() if f == shard]
+        assert len(held) == 1 or sum(back_sharded[k].nbytes for k in held) <= 10_000, shard
+    assert sorted(back_sharded) == sorted(out_t)
+    for key, tensor in out_t.items():
+        np.testing.assert_array_equal(back_sharded[key], tensor, err_msg=key)
+    capsys.readouterr()
+
     assert main(["check-sparsity", "--model", str(merged), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["overall"]["sparsity"] >= 0.5  # the base's zeros kept (plus weights that round to 0)
