@@ -105,6 +105,10 @@ class _DropOrbaxErrors(logging.Filter):
         return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
 
 
+# Installed for good after a failed save (see Checkpointer.save); logging adds one instance once.
+_AFTER_FAILED_SAVE = _DropOrbaxErrors()
+
+
 @contextlib.contextmanager
 def _quiet_orbax_errors() -> Iterator[None]:
     """While a checkpoint is written: orbax's background threads log a failed write (a traceback
@@ -217,7 +221,7 @@ class Checkpointer:
             # The other items' writes of this step may still be running in orbax's threads; when
             # they fail too (the same full disk), they log a traceback through absl, possibly at
             # interpreter shutdown. The failure is raised here, once: theirs stay quiet.
-            logging.getLogger("absl").addFilter(_DropOrbaxErrors())
+            logging.getLogger("absl").addFilter(_AFTER_FAILED_SAVE)
             with contextlib.suppress(Exception):
                 self._manager.wait_until_finished()
             storage = _storage_error(e, os.path.join(self.directory, str(step)))
