@@ -369,7 +369,7 @@ def test_a_fitted_delta_skips_the_per_path_checks_only_for_the_weight_it_fitted(
     checks = []
     real = merge_lib._check_sparse
     monkeypatch.setattr(merge_lib, "_check_sparse", lambda *args: (checks.append(args[0]), real(*args)))
-    merged, saved = merge_lib.merge(params, a)
+    merged, _ = merge_lib.merge(params, a)
     assert checks == []
     _assert_tree_bits(merged, _np_merge(params, a))
     as_ints = {**params, "a": {**params["a"], "kernel": params["a"]["kernel"].astype(jnp.int32)}}

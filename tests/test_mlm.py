@@ -14,9 +14,7 @@ import torch
 import transformers
 
 from jaxsparse import mlm
-
-WORDS = ("the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "away", "and", "then", "came", "back")
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+from tests.tiny_mlm import SPECIAL, WORDS, write_tiny_distilbert_mlm
 
 
 @pytest.fixture(scope="module")
@@ -307,18 +305,7 @@ SENTENCES = [
 def tiny_mlm_assets(tmp_path_factory):
     """A tiny DistilBertForMaskedLM directory (with its BERT tokenizer) and a text file."""
     root = tmp_path_factory.mktemp("mlm-assets")
-    from jaxsparse import models
-
-    vocab = [*SPECIAL, *WORDS]
-    config = transformers.DistilBertConfig(
-        vocab_size=len(vocab), dim=16, n_layers=1, n_heads=2, hidden_dim=32, max_position_embeddings=32
-    )
-    model_dir = root / "tiny-distilbert-mlm"
-    models.save_pretrained(models.init_params(config, task="masked_lm", seed=0), model_dir)
-    (model_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    (model_dir / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 32})
-    )
+    model_dir = write_tiny_distilbert_mlm(root)
     rng = np.random.default_rng(0)
     text = root / "sentences.txt"
     text.write_text("\n".join(rng.choice(SENTENCES, 240)) + "\n")

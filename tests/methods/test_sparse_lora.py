@@ -18,6 +18,7 @@ from jaxsparse import delta as delta_lib
 from jaxsparse import train as train_lib
 from jaxsparse.methods import registry
 from jaxsparse.methods.sparse_lora import SparseLoraConfig, init, prune_masks, sparsity_report
+from tests.tiny_mlm import WORDS, write_tiny_distilbert_mlm
 
 
 def _params(seed=0):
@@ -378,28 +379,12 @@ def test_export_is_a_plain_peft_lora_config(tmp_path):
 
 # ----------------------------------------------------------------------------- through `jaxsparse train`
 
-WORDS = ("the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "away", "and", "then", "came", "back")
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
 
 @pytest.fixture(scope="module")
 def tiny_mlm(tmp_path_factory):
     """A tiny DistilBertForMaskedLM directory with its BERT tokenizer, and a text file."""
-    import transformers
-
-    from jaxsparse import models
-
     root = tmp_path_factory.mktemp("sparse-lora-mlm")
-    vocab = [*SPECIAL, *WORDS]
-    config = transformers.DistilBertConfig(
-        vocab_size=len(vocab), dim=16, n_layers=1, n_heads=2, hidden_dim=32, max_position_embeddings=32
-    )
-    model_dir = root / "tiny-distilbert-mlm"
-    models.save_pretrained(models.init_params(config, task="masked_lm", seed=0), model_dir)
-    (model_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    (model_dir / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 32})
-    )
+    model_dir = write_tiny_distilbert_mlm(root)
     rng = np.random.default_rng(0)
     text = root / "text.txt"
     text.write_text("\n".join(" ".join(rng.choice(WORDS, rng.integers(4, 12))) for _ in range(200)) + "\n")
