@@ -23,3 +23,18 @@ def qa_run(qa_bases, tmp_path_factory):
     run = root / "run"
     assert main(train_argv(root, sparse, gptq, run)) == 0
     return run
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """A module whose runs compile the same train steps again and again: JAX's persistent cache
+    (in a fresh directory per module) compiles each once; the settings are restored afterwards."""
+    import jax
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    old = {k: getattr(jax.config, k) for k in keys}
+    jax.config.update(keys[0], str(tmp_path_factory.mktemp("jax-cache")))
+    jax.config.update(keys[1], 0.0)
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)

@@ -26,20 +26,6 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "JAX_PLATFO
 
 
 @pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    """Every run here compiles the same steps: JAX's persistent cache compiles them once."""
-    import jax
-
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update(keys[0], str(tmp_path_factory.mktemp("jax-cache")))
-    jax.config.update(keys[1], 0.0)
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
-
-
-@pytest.fixture(scope="module")
 def tiny(tmp_path_factory, compilation_cache) -> tuple[Path, list[str]]:
     """A tiny BERT, its data, and the `--set` arguments of a 4-step run with the default warm-up."""
     root = tmp_path_factory.mktemp("train-faults").absolute()

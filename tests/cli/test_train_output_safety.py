@@ -24,20 +24,6 @@ _spec.loader.exec_module(helpers)
 
 
 @pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    """Every run here compiles the same two steps: JAX's persistent cache compiles them once."""
-    import jax
-
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update(keys[0], str(tmp_path_factory.mktemp("jax-cache")))
-    jax.config.update(keys[1], 0.0)
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
-
-
-@pytest.fixture(scope="module")
 def config(tmp_path_factory, compilation_cache) -> Path:
     root = tmp_path_factory.mktemp("train-safety").absolute()
     model_dir, data = helpers.write_tiny_bert(root)
