@@ -103,8 +103,8 @@ def _replace_in_dicts(tree: PyTree, new_leaves: Mapping[str, Any]) -> PyTree | N
     on those paths (the rest of the tree is shared, as in the flatten/unflatten copy); ``None``
     when a path leaves plain dicts or does not exist, for the general path to handle or reject.
 
-    A leaf must be replaced by a leaf: a path that ends at a sub-tree (a dict) goes the general
-    way, which refuses it as an unknown leaf path.
+    Only array leaves are replaced here: a path that ends anywhere else (a sub-tree, ``None``)
+    goes the general way, which refuses what is not a leaf path.
     """
     if type(tree) is not dict:
         return None
@@ -121,8 +121,8 @@ def _replace_in_dicts(tree: PyTree, new_leaves: Mapping[str, Any]) -> PyTree | N
                 copies[prefix] = node[part] = dict(child)
             node = copies[prefix]
         last = parts[-1]
-        if last not in node or type(node[last]) is dict:
-            return None
+        if not hasattr(node.get(last), "shape"):
+            return None  # not an array leaf (a sub-tree, None, or missing): the general path decides
         node[last] = leaf
     return copies[()]
 

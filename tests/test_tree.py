@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -56,6 +57,31 @@ def test_replace_leaves_keeps_structure_and_rejects_unknown_paths():
     assert float(params["lm_head"]["kernel"].sum()) == 0.0
     with pytest.raises(KeyError, match=r"lm_head\.weight"):
         tree_lib.replace_leaves(params, {"lm_head.weight": jnp.ones((4, 10))})
+
+
+def test_replace_leaves_fast_dict_path_equals_the_general_one():
+    # Plain nested dicts take a copy-on-write path (merge calls this with a few hundred paths);
+    # its result must be what flatten/unflatten gives, and the input must stay untouched.
+    params = _params()
+    paths = ["model.layers.0.self_attn.q_proj.kernel", "lm_head.kernel"]
+    new_leaves = {p: tree_lib.get_leaf(params, p) + 1.0 for p in paths}
+    fast = tree_lib.replace_leaves(params, new_leaves)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    general = jax.tree_util.tree_unflatten(
+        treedef, [new_leaves.get(tree_lib.path_str(kp), leaf) for kp, leaf in flat]
+    )
+    assert jax.tree_util.tree_structure(fast) == treedef
+    for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(general), strict=True):
+        assert a is b
+    assert fast["model"]["embed_tokens"] is params["model"]["embed_tokens"]  # untouched: shared
+    assert float(params["lm_head"]["kernel"].sum()) == 0.0
+    with pytest.raises(KeyError, match=r"parameter paths not in the tree: \['model.layers'\]"):
+        tree_lib.replace_leaves(params, {"model.layers": jnp.ones(2)})  # a sub-tree, not a leaf
+    listed = {"blocks": [{"w": jnp.zeros(2)}, {"w": jnp.zeros(2)}], "none": None}
+    out = tree_lib.replace_leaves(listed, {"blocks.1.w": jnp.ones(2)})  # through a list: general path
+    assert out["blocks"][1]["w"].tolist() == [1.0, 1.0] and out["blocks"][0]["w"].tolist() == [0.0, 0.0]
+    with pytest.raises(KeyError, match=r"'none'"):
+        tree_lib.replace_leaves(listed, {"none": jnp.ones(2)})
 
 
 def test_list_spec_matches_whole_name_suffix_only():
