@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxsparse import atomic
+from jaxsparse import atomic, host_memory
 from jaxsparse import config as config_lib
 from jaxsparse import data as data_lib
 from jaxsparse import delta as delta_lib
@@ -1343,6 +1343,8 @@ def setup_run(
         _check_resume_config(cfg, config_path, force=force, log=log)
     mesh = make_mesh(cfg)
     primary = jax.process_index() == 0
+    # The compiler's freed scratch back to the OS before each program's buffers (BENCHMARKS.md 3b).
+    host_memory.trim_after_compiles()
 
     log(f"loading data ({cfg.data.source}) and model ({cfg.model.path}) ...")
     prepared = prepare(cfg, model=model, tokenizer=tokenizer)
@@ -1469,7 +1471,10 @@ def make_steps(
     if mesh is not None:
         # Fixed output shardings: the state keeps its layout step after step (and in checkpoints).
         train_step = jax.jit(
-            train_step, donate_argnums=(0,), out_shardings=(state_shardings, sharding_lib.replicated(mesh))
+            train_step,
+            donate_argnums=(0,),
+            out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
+            compiler_options=train_lib.step_compiler_options() or None,
         )
     evaluate_fn = functools.partial(
         evaluate,

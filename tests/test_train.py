@@ -150,3 +150,70 @@ def test_eval_step_and_loss_errors():
         bad(delta_lib.trainable(adapter), adapter, params, data(8), None)
     with pytest.raises(TypeError, match="PRNG key"):
         init_train_state(adapter, optax.sgd(0.1), jnp.zeros(2, jnp.float32))
+
+
+CONCURRENCY = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED"}
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the XLA:CPU scheduler")
+def test_cpu_step_uses_less_temp_memory_with_the_same_result():
+    # A tiny 4-layer BERT: XLA's default (concurrency) scheduler keeps more activations alive than
+    # the memory-optimized one the step compiles with (MiniLM 16x128: 796 vs 536 MiB).
+    import transformers
+
+    from jaxsparse import models
+    from jaxsparse.methods import shira
+    from jaxsparse.train import step_compiler_options
+
+    assert step_compiler_options() == {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+    cfg = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
+    model = models.init_params(cfg, task="seq_cls")
+    adapter = shira.init(
+        model.params,
+        shira.ShiraConfig(r=2, target_modules=["query", "key", "value", "dense"]),
+        jax.random.key(0),
+    )
+    opt = optax.adamw(1e-2)
+    rng = np.random.default_rng(0)
+    batch = {
+        "input_ids": jnp.asarray(rng.integers(0, 64, (16, 64))),
+        "attention_mask": jnp.ones((16, 64), jnp.int32),
+        "labels": jnp.asarray(rng.integers(0, 2, 16)),
+    }
+
+    def apply_model(p, b):
+        return model.apply_fn(p, b["input_ids"], b["attention_mask"])
+
+    def loss_fn(logits, b):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"]).mean()
+
+    ours = make_train_step(apply_model, loss_fn, opt, factored=True)
+    theirs = make_train_step(apply_model, loss_fn, opt, factored=True, compiler_options=CONCURRENCY)
+    temps, results = [], []
+    for step in (ours, theirs):
+        state = init_train_state(adapter, opt, 0)
+        temps.append(step.lower(state, model.params, batch).compile().memory_analysis().temp_size_in_bytes)
+        for _ in range(2):
+            state, metrics = step(state, model.params, batch)
+        results.append((state.trainable, metrics["loss"]))
+    assert temps[0] < 0.9 * temps[1]
+    # Scheduling orders the same ops: the trained values and the loss agree.
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_step_compiler_options_leave_a_scheduler_chosen_in_xla_flags(monkeypatch):
+    from jaxsparse.train import step_compiler_options
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED")
+    assert step_compiler_options("cpu") == {}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    assert step_compiler_options("cpu") == {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+    assert step_compiler_options("gpu") == {} and step_compiler_options("tpu") == {}

@@ -1,0 +1,47 @@
+"""benchmarks/bench_memory.py: the --stages variant names, and the stage record of a process."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bm():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "benchmarks" / "bench_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variants_parse_to_a_method_and_levers(bm):
+    assert bm.parse_variant("jax-shira") == ("jax-shira", set())
+    assert bm.parse_variant("jax-lora+notorch+remat") == ("jax-lora", {"notorch", "remat"})
+    for name in bm.DEFAULT_VARIANTS:
+        bm.parse_variant(name)
+
+
+@pytest.mark.parametrize("bad", ["jax-full", "jax-shira+fast", "peft-shira+remat", "jax-shira+"])
+def test_bad_variants_are_refused_naming_what_is_allowed(bm, bad):
+    with pytest.raises(argparse.ArgumentTypeError, match="variant"):
+        bm.parse_variant(bad)
+
+
+def test_stages_record_this_process_memory(bm):
+    stages = bm.Stages()
+    stages.mark("a")
+    block = bytearray(64 * 2**20)  # 64 MiB, written: resident
+    block[::4096] = b"x" * len(block[::4096])
+    stages.mark("b", note=1)
+    a, b = stages.rows
+    assert (a["stage"], b["stage"], b["note"]) == ("a", "b", 1)
+    assert b["rss_mib"] - a["rss_mib"] > 60 and b["peak_mib"] >= b["rss_mib"]
+    assert "jax_live_mib" not in a  # the probe must not start XLA's client itself
+    del block
