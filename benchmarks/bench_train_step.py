@@ -58,14 +58,33 @@ PEFT_TARGETS = ["query", "key", "value", "dense"]
 class Contender:
     """One configuration ready to step: ``step()`` runs one optimizer step and blocks until done."""
 
-    def __init__(self, step: Callable[[], float], trainable: int, opt_state_bytes: Callable[[], int]):
+    def __init__(
+        self,
+        step: Callable[[], float],
+        trainable: int,
+        opt_state_bytes: Callable[[], int],
+        parts: dict[str, Any] | None = None,
+    ):
         self.step = step
         self.trainable = trainable
         self.opt_state_bytes = opt_state_bytes
+        # what the step is made of, for benchmarks/profile_train_step.py (model, optimizer, batch ...)
+        self.parts = parts or {}
 
 
-def build_jax(method: str, batch: dict[str, Any]) -> Contender:
-    """A jaxsparse contender on MiniLM seq_cls: adapter, AdamW state and jitted donated train step."""
+def build_jax(
+    method: str,
+    batch: dict[str, Any],
+    *,
+    sampled_max_density: float | None = None,
+    remat: bool = False,
+    donate: bool = True,
+) -> Contender:
+    """A jaxsparse contender on MiniLM seq_cls: adapter, AdamW state and jitted donated train step.
+
+    ``sampled_max_density`` (None: the library default), ``remat`` (every block under
+    ``jax.checkpoint``) and ``donate`` (the state's buffers reused) are levers for
+    benchmarks/profile_train_step.py; the defaults are what ``jaxsparse train`` runs."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -116,15 +135,28 @@ def build_jax(method: str, batch: dict[str, Any]) -> Contender:
         raise ValueError(f"unknown jax method {method!r}; choose from {JAX_METHODS}")
     del shira_adapter
 
+    from jaxsparse.models import layers
+
     def apply_model(p: Any, b: dict[str, jax.Array]) -> jax.Array:
-        return model.apply_fn(p, b["input_ids"], b["attention_mask"])
+        with layers.remat_blocks(remat):
+            return model.apply_fn(p, b["input_ids"], b["attention_mask"])
 
     def loss_fn(logits: jax.Array, b: dict[str, jax.Array]) -> jax.Array:
         return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), b["labels"]).mean()
 
     optimizer = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
     holder = {"state": init_train_state(adapter, optimizer, rng=0)}
-    train_step = make_train_step(apply_model, loss_fn, optimizer, factored=not method.endswith("-dense"))
+    factored = not method.endswith("-dense")
+    train_step = make_train_step(
+        apply_model,
+        loss_fn,
+        optimizer,
+        factored=factored,
+        sampled_max_density=sampled_max_density,
+        jit=donate,
+    )
+    if not donate:
+        train_step = jax.jit(train_step)
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
     n_trainable = sum(int(x.size) for x in jax.tree.leaves(trainable(adapter)))
 
@@ -135,7 +167,18 @@ def build_jax(method: str, batch: dict[str, Any]) -> Contender:
     def opt_bytes() -> int:
         return sum(int(x.nbytes) for x in jax.tree.leaves(holder["state"].opt_state) if hasattr(x, "nbytes"))
 
-    return Contender(step, n_trainable, opt_bytes)
+    parts = {
+        "train_step": train_step,
+        "holder": holder,
+        "params": params,
+        "batch": jbatch,
+        "apply_model": apply_model,
+        "loss_fn": loss_fn,
+        "optimizer": optimizer,
+        "factored": factored,
+        "sampled_max_density": sampled_max_density,
+    }
+    return Contender(step, n_trainable, opt_bytes, parts)
 
 
 def build_torch(method: str, batch: dict[str, Any]) -> Contender:
@@ -182,7 +225,8 @@ def build_torch(method: str, batch: dict[str, Any]) -> Contender:
             if torch.is_tensor(t)
         )
 
-    return Contender(step, sum(p.numel() for p in params), opt_bytes)
+    parts = {"model": model, "optimizer": optimizer, "batch": tb}
+    return Contender(step, sum(p.numel() for p in params), opt_bytes, parts)
 
 
 def build(method: str, batch: dict[str, Any]) -> Contender:

@@ -125,7 +125,13 @@ def lora_dropout(x: Float[Array, "... fan_in"], delta: LowRankDelta) -> Float[Ar
 
 
 def _dot(x: Array, w: Array, precision: Any) -> Array:
-    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+    # Flatten the leading (batch, time) axes first: the gradient of a kernel (or of LoRA's ``a``/``b``)
+    # then contracts one token axis, not two. XLA's CPU backend canonicalises a two-axis contraction by
+    # physically transposing the (tokens, out) cotangent, fused with whatever produced it (for
+    # MiniLM's FFN: the GELU backward, strided). Removing it took the MiniLM LoRA step from 1.79 s
+    # to 1.21 s (benchmarks/BENCHMARKS.md, section 2c). Same products over the same tokens.
+    y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), w, (((1,), (0,)), ((), ())), precision=precision)
+    return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
 def sampled_product(

@@ -373,7 +373,9 @@ def test_a_fitted_delta_skips_the_per_path_checks_only_for_the_weight_it_fitted(
     assert checks == []
     _assert_tree_bits(merged, _np_merge(params, a))
     as_ints = {**params, "a": {**params["a"], "kernel": params["a"]["kernel"].astype(jnp.int32)}}
-    with pytest.raises(AdapterError, match=r"'a\.kernel': the weight has dtype int32, expected a float dtype"):
+    with pytest.raises(
+        AdapterError, match=r"'a\.kernel': the weight has dtype int32, expected a float dtype"
+    ):
         merge_lib.merge(as_ints, a)
     assert checks == ["a.kernel"]
     other = _params(rng, dtype=np.float16)  # float16 weights fit too: checked once, then remembered
