@@ -239,18 +239,15 @@ def dot_product_attention(
         value = jnp.repeat(value, num_heads // num_kv, axis=2)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    # Heads-major (B, N, T, D) operands make both products plain batched matmuls over contiguous
-    # (T, D) blocks: XLA's CPU backend ran the (B, T, N, D)-strided einsums 1.5-2x slower than these
-    # three transposes plus the same products (benchmarks/BENCHMARKS.md, section 2c). Same sums, same
-    # order: the result is bit-identical.
-    q, k, v = (jnp.swapaxes(t.astype(jnp.float32), 1, 2) for t in (query, key, value))
-    scores = jnp.einsum("bnqd,bnkd->bnqk", q, k) * jnp.float32(scale)
+    scores = jnp.einsum("bqnd,bknd->bnqk", query.astype(jnp.float32), key.astype(jnp.float32)) * jnp.float32(
+        scale
+    )
     if softcap is not None:
         scores = softcap * jnp.tanh(scores / softcap)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     weights = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate)
-    out = jnp.swapaxes(jnp.einsum("bnqk,bnkd->bnqd", weights, v), 1, 2)
+    out = jnp.einsum("bnqk,bknd->bqnd", weights, value.astype(jnp.float32))
     return out.astype(query.dtype)
 
 
