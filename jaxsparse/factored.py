@@ -129,7 +129,7 @@ def _dot(x: Array, w: Array, precision: Any) -> Array:
     # then contracts one token axis, not two. XLA's CPU backend canonicalises a two-axis contraction by
     # physically transposing the (tokens, out) cotangent, fused with whatever produced it (for
     # MiniLM's FFN: the GELU backward, strided). Removing it took the MiniLM LoRA step from 1.79 s
-    # to 1.21 s (benchmarks/BENCHMARKS.md, section 2c). Same products over the same tokens.
+    # to 1.3 s (benchmarks/BENCHMARKS.md, section 2c). Same products over the same tokens.
     y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), w, (((1,), (0,)), ((), ())), precision=precision)
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
