@@ -1,12 +1,14 @@
 """Training-step levers of issue 14, before and after, in one process: jaxsparse vs PyTorch PEFT.
 
 Every contender is built by ``bench_train_step.py`` (MiniLM-L6 seq-cls, 16x128 real batch, AdamW) and
-timed interleaved (one step of each per round). "before" variants trace the step with the code this
-issue replaced, patched in while tracing: attention on (B, T, N, D)-strided einsums
-(:func:`old_attention`) and a ``factored._dot`` contracting the 3-D input (:func:`old_dot`). The
-other levers (sampled-gradient threshold, remat, donation, LoRA dense form) use the current code.
+timed interleaved (one step of each per round). "before" variants trace the step with the
+``factored._dot`` this issue replaced (:func:`old_dot`, contracting the 3-D input), patched in while
+tracing. ``-headsmajor`` variants trace it with the attention layout that was tried and reverted
+(:func:`heads_major_attention`: faster here, but the KV-cache decode then drifts from a full
+recomputation by more than 1e-5; BENCHMARKS.md 2c). The other levers (sampled-gradient threshold,
+remat, donation, LoRA dense form) use the current code.
 
-    python benchmarks/bench_train_step_levers.py                      # all 17 contenders, 5 rounds
+    python benchmarks/bench_train_step_levers.py                      # all 16 contenders, 5 rounds
     python benchmarks/bench_train_step_levers.py --only lora-before lora-after peft-lora --rounds 3
 
 Writes ``benchmarks/results/train_step_levers_run.json`` (``--out``); section 2c of BENCHMARKS.md.
@@ -26,21 +28,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
-# name: (bench_train_step method, (legacy attention, legacy _dot), build_jax keyword levers)
+# name: (bench_train_step method, (heads-major attention, legacy _dot), build_jax keyword levers)
 VARIANTS: dict[str, tuple[str, tuple[bool, bool] | None, dict[str, Any]]] = {
-    "shira-before": ("jax-shira", (True, True), {}),
+    "shira-before": ("jax-shira", (False, True), {}),
     "shira-after": ("jax-shira", (False, False), {}),
-    "shira-after-oldattn": ("jax-shira", (True, False), {}),
-    "shira-after-olddot": ("jax-shira", (False, True), {}),
+    "shira-after-headsmajor": ("jax-shira", (True, False), {}),
     "shira-after-densegrad": ("jax-shira", (False, False), {"sampled_max_density": 0.0}),
     "shira-after-sampled5%": ("jax-shira", (False, False), {"sampled_max_density": 0.05}),
     "shira-after-remat": ("jax-shira", (False, False), {"remat": True}),
     "shira-after-nodonate": ("jax-shira", (False, False), {"donate": False}),
-    "lora-before": ("jax-lora", (True, True), {}),
+    "lora-before": ("jax-lora", (False, True), {}),
     "lora-after": ("jax-lora", (False, False), {}),
-    "lora-after-olddot": ("jax-lora", (False, True), {}),
+    "lora-after-headsmajor": ("jax-lora", (True, False), {}),
     "lora-after-dense": ("jax-lora-dense", (False, False), {}),
-    "full-before": ("jax-full", (True, True), {}),
+    "full-before": ("jax-full", (False, True), {}),
     "full-after": ("jax-full", (False, False), {}),
     "peft-shira": ("peft-shira", None, {}),
     "peft-lora": ("peft-lora", None, {}),
@@ -48,15 +49,18 @@ VARIANTS: dict[str, tuple[str, tuple[bool, bool] | None, dict[str, Any]]] = {
 }
 
 
-def old_attention(query, key, value, *, mask=None, scale=None, softcap=None, dropout=None, dropout_rate=0.0):
-    """``layers.dot_product_attention`` before issue 14 (no grouped-query repeat: BERT has none)."""
+def heads_major_attention(
+    query, key, value, *, mask=None, scale=None, softcap=None, dropout=None, dropout_rate=0.0
+):
+    """``layers.dot_product_attention`` on heads-major (B, N, T, D) operands: the reverted lever
+    (no grouped-query repeat: BERT has none)."""
     import jax
     import jax.numpy as jnp
 
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    scores = jnp.einsum("bqnd,bknd->bnqk", query.astype(jnp.float32), key.astype(jnp.float32))
-    scores = scores * jnp.float32(scale)
+    q, k, v = (jnp.swapaxes(t.astype(jnp.float32), 1, 2) for t in (query, key, value))
+    scores = jnp.einsum("bnqd,bnkd->bnqk", q, k) * jnp.float32(scale)
     if softcap is not None:
         scores = softcap * jnp.tanh(scores / softcap)
     if mask is not None:
@@ -64,7 +68,7 @@ def old_attention(query, key, value, *, mask=None, scale=None, softcap=None, dro
     weights = jax.nn.softmax(scores, axis=-1)
     if dropout is not None:
         weights = dropout(weights, dropout_rate)
-    return jnp.einsum("bnqk,bknd->bqnd", weights, value.astype(jnp.float32)).astype(query.dtype)
+    return jnp.swapaxes(jnp.einsum("bnqk,bnkd->bnqd", weights, v), 1, 2).astype(query.dtype)
 
 
 def old_dot(x, w, precision):
@@ -75,15 +79,15 @@ def old_dot(x, w, precision):
 
 
 @contextlib.contextmanager
-def legacy(attention: bool, dot: bool) -> Iterator[None]:
-    """Trace inside this context to get the replaced implementations."""
+def patched(heads_major: bool, legacy_dot: bool) -> Iterator[None]:
+    """Trace inside this context to get the chosen attention and ``_dot``."""
     from jaxsparse import factored
     from jaxsparse.models import layers
 
     saved = layers.dot_product_attention, factored._dot
-    if attention:
-        layers.dot_product_attention = old_attention
-    if dot:
+    if heads_major:
+        layers.dot_product_attention = heads_major_attention
+    if legacy_dot:
         factored._dot = old_dot
     try:
         yield
@@ -111,12 +115,12 @@ def main(argv: list[str] | None = None) -> None:
     batch = common.rotten_tomatoes_batch(16, args.seq_len)
     steps = {}
     for name in args.only or list(VARIANTS):
-        method, old, levers = VARIANTS[name]
-        if old is None:
+        method, patches, levers = VARIANTS[name]
+        if patches is None:
             contender = bench.build_torch(method, batch)
             contender.step()
         else:
-            with legacy(*old):
+            with patched(*patches):
                 contender = bench.build_jax(method, batch, **levers)
                 contender.step()  # trace and compile with the chosen implementation
         steps[name] = contender.step
