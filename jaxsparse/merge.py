@@ -127,51 +127,46 @@ def _check_low_rank(path: str, d: LowRankDelta, weight: Any) -> None:
         )
 
 
-# Index arrays already checked by :func:`validate` (in range, sorted, unique) for a weight shape.
-# jax Arrays are immutable, so a checked array stays valid for every weight of that shape: merge,
-# unmerge and switch then run only the host-side structural checks (no device pass, no host
-# round trip). Keyed by ``id``; the weak reference drops the entry when the array is freed.
-_CHECKED_INDICES: dict[int, tuple[weakref.ref, tuple[int, ...]]] = {}
+class _Checked:
+    """Objects that passed a check for a given fingerprint (a weight's shape, its dtype), by identity.
+
+    Only jax Arrays (or frozen deltas holding only jax Arrays) are remembered: they cannot change
+    after the check, so it stays true. NumPy arrays can change in place and tracers are transient;
+    those are checked every time. Keyed by ``id``; the weak reference drops the entry when the
+    object is freed (so a new object at the same address is never taken for it).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, Any]] = {}
+
+    def remember(self, obj: Any, fingerprint: Any, arrays: tuple[Any, ...]) -> None:
+        if not all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) for x in arrays):
+            return
+        key = id(obj)
+        ref = weakref.ref(obj, lambda _, key=key: self._entries.pop(key, None))
+        self._entries[key] = (ref, fingerprint)
+
+    def holds(self, obj: Any, fingerprint: Any) -> bool:
+        entry = self._entries.get(id(obj))
+        return entry is not None and entry[0]() is obj and entry[1] == fingerprint
 
 
-def _remember_indices(indices: Any, shape: tuple[int, ...]) -> None:
-    if not isinstance(indices, jax.Array) or isinstance(indices, jax.core.Tracer):
-        return  # NumPy arrays can be changed in place after the check, so they are re-checked
-    key = id(indices)
-    ref = weakref.ref(indices, lambda _, key=key: _CHECKED_INDICES.pop(key, None))
-    _CHECKED_INDICES[key] = (ref, tuple(shape))
+# Index arrays already checked by :func:`validate` (in range, sorted, unique) for a weight shape:
+# merge, unmerge and switch then run only the host-side structural checks (no device pass, no host
+# round trip).
+_CHECKED_INDICES = _Checked()
+# Sparse deltas whose structural and index checks passed for a weight (shape, dtype): SparseDelta is
+# frozen, so merge/switch/unmerge then skip even the per-path checks (a few microseconds each, but a
+# few hundred paths per call).
+_FITTED = _Checked()
 
 
 def _indices_checked(indices: Any, shape: tuple[int, ...]) -> bool:
-    entry = _CHECKED_INDICES.get(id(indices))
-    return entry is not None and entry[0]() is indices and entry[1] == tuple(shape)
+    return _CHECKED_INDICES.holds(indices, tuple(shape))
 
 
-# Sparse deltas whose structural checks and index checks passed for a weight (shape, dtype):
-# SparseDelta is frozen and its jax Arrays immutable, so a delta that fitted a weight of that
-# shape and dtype still does; merge/switch/unmerge then skip the per-path checks (a few
-# microseconds each, but a few hundred paths per call). Keyed by ``id`` with a weak reference.
-_FITTED: dict[int, tuple[weakref.ref, tuple[int, ...], Any]] = {}
-
-
-def _remember_fit(d: SparseDelta, weight: Any) -> None:
-    if not (isinstance(d.indices, jax.Array) and isinstance(d.values, jax.Array)):
-        return  # NumPy fields can change in place, so such deltas are re-checked every call
-    if isinstance(d.indices, jax.core.Tracer) or isinstance(d.values, jax.core.Tracer):
-        return
-    key = id(d)
-    ref = weakref.ref(d, lambda _, key=key: _FITTED.pop(key, None))
-    _FITTED[key] = (ref, tuple(weight.shape), weight.dtype)
-
-
-def _fits(d: SparseDelta, weight: Any) -> bool:
-    entry = _FITTED.get(id(d))
-    return (
-        entry is not None
-        and entry[0]() is d
-        and entry[1] == tuple(weight.shape)
-        and entry[2] == getattr(weight, "dtype", None)
-    )
+def _fit_of(weight: Any) -> tuple[tuple[int, ...], Any]:
+    return tuple(weight.shape), weight.dtype
 
 
 def _check_structure(params: PyTree, adapter: Adapter) -> bool:
@@ -187,12 +182,12 @@ def _check_structure(params: PyTree, adapter: Adapter) -> bool:
     for path, d in adapter.deltas.items():
         weight = _weight(params, path, "delta")
         if isinstance(d, SparseDelta):
-            if _fits(d, weight):
+            if _FITTED.holds(d, _fit_of(weight)):
                 continue
             _check_sparse(path, d, weight)
             passed = d.indices.shape[0] == 0 or _indices_checked(d.indices, weight.shape)
             if passed:
-                _remember_fit(d, weight)
+                _FITTED.remember(d, _fit_of(weight), (d.indices, d.values))
             checked = checked and passed
         elif isinstance(d, LowRankDelta):
             _check_low_rank(path, d, weight)
@@ -287,7 +282,7 @@ def validate(params: PyTree, adapter: Adapter) -> None:
             raise AdapterError(f"adapter {path!r}: {field} contain {int(count)} NaN/inf entries")
     for d in adapter.deltas.values():
         if isinstance(d, SparseDelta):
-            _remember_indices(d.indices, tuple(d.shape))
+            _CHECKED_INDICES.remember(d.indices, tuple(d.shape), (d.indices,))
 
 
 def _check_saved(params: PyTree, adapter: Adapter, saved: Saved) -> None:
