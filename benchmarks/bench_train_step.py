@@ -93,7 +93,7 @@ def build_jax(
     from jaxsparse import models
     from jaxsparse.delta import Adapter, trainable
     from jaxsparse.methods import lora, shira, sparta
-    from jaxsparse.train import init_train_state, make_train_step
+    from jaxsparse.train import init_train_state, make_train_step, step_compiler_options
     from jaxsparse.tree import leaf_paths
 
     model = models.from_pretrained(common.minilm_dir(), task="seq_cls", num_labels=2)
@@ -155,8 +155,8 @@ def build_jax(
         sampled_max_density=sampled_max_density,
         jit=donate,
     )
-    if not donate:
-        train_step = jax.jit(train_step)
+    if not donate:  # the same program as make_train_step jits, minus the donation
+        train_step = jax.jit(train_step, compiler_options=step_compiler_options() or None)
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
     n_trainable = sum(int(x.size) for x in jax.tree.leaves(trainable(adapter)))
 
