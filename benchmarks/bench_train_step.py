@@ -79,12 +79,15 @@ def build_jax(
     sampled_max_density: float | None = None,
     remat: bool = False,
     donate: bool = True,
+    extra_compiler_options: dict[str, str] | None = None,
 ) -> Contender:
     """A jaxsparse contender on MiniLM seq_cls: adapter, AdamW state and jitted donated train step.
 
     ``sampled_max_density`` (None: the library default), ``remat`` (every block under
-    ``jax.checkpoint``) and ``donate`` (the state's buffers reused) are levers for
-    benchmarks/profile_train_step.py; the defaults are what ``jaxsparse train`` runs."""
+    ``jax.checkpoint``), ``donate`` (the state's buffers reused) and ``extra_compiler_options``
+    (XLA options added to the step's own, :func:`jaxsparse.train.step_compiler_options`) are levers
+    for benchmarks/profile_train_step.py and bench_train_step_levers.py; the defaults are what
+    ``jaxsparse train`` runs."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -147,6 +150,7 @@ def build_jax(
     optimizer = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
     holder = {"state": init_train_state(adapter, optimizer, rng=0)}
     factored = not method.endswith("-dense")
+    compiler_options = {**step_compiler_options(), **(extra_compiler_options or {})}
     train_step = make_train_step(
         apply_model,
         loss_fn,
@@ -154,9 +158,10 @@ def build_jax(
         factored=factored,
         sampled_max_density=sampled_max_density,
         jit=donate,
+        compiler_options=compiler_options,
     )
     if not donate:  # the same program as make_train_step jits, minus the donation
-        train_step = jax.jit(train_step, compiler_options=step_compiler_options() or None)
+        train_step = jax.jit(train_step, compiler_options=compiler_options or None)
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
     n_trainable = sum(int(x.size) for x in jax.tree.leaves(trainable(adapter)))
 

@@ -1,26 +1,30 @@
 """Training-step levers of issue 14, before and after, in one process: jaxsparse vs PyTorch PEFT.
 
 Every contender is built by ``bench_train_step.py`` (MiniLM-L6 seq-cls, 16x128 real batch, AdamW) and
-timed interleaved (one step of each per round). "before" variants trace the step with the
-``factored._dot`` this issue replaced (:func:`old_dot`, contracting the 3-D input), patched in while
-tracing. ``-headsmajor`` variants trace it with the attention layout that was tried and reverted
-(:func:`heads_major_attention`: faster here, but the KV-cache decode then drifts from a full
-recomputation by more than 1e-5; BENCHMARKS.md 2c). The other levers (sampled-gradient threshold,
-remat, donation, LoRA dense form) use the current code.
+timed interleaved (one step of each per round). A variant may trace its step with earlier
+implementations patched in (:data:`PATCHES`), so one run compares the library with and without
+each change:
 
-    python benchmarks/bench_train_step_levers.py                      # all 16 contenders, 5 rounds
-    python benchmarks/bench_train_step_levers.py --only lora-before lora-after peft-lora --rounds 3
+- ``dot3d``: the ``factored._dot`` before issue 14, contracting the 3-D input (BENCHMARKS.md 2c);
+- ``einsum-attention``: attention on (B, T, N, D) einsums, as before ``heads_major`` (2d);
+- ``erfc-gelu``: ``jax.nn.gelu(approximate=False)``, which goes through ``erfc`` (2d).
 
-Writes ``benchmarks/results/train_step_levers_run.json`` (``--out``); section 2c of BENCHMARKS.md.
+``-s7`` variants carry the last two (the tree at the end of session 7); ``-before`` all four.
+The other levers (sampled-gradient threshold, remat, donation, LoRA dense form) use the current code.
+
+    python benchmarks/bench_train_step_levers.py                      # every contender, 5 rounds
+    python benchmarks/bench_train_step_levers.py --only lora-s7 lora peft-lora --rounds 3
+
+Writes ``benchmarks/results/train_step_levers_run.json`` (``--out``); sections 2c-2d of BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import sys
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,47 +32,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
-# name: (bench_train_step method, (heads-major attention, legacy _dot), build_jax keyword levers)
-VARIANTS: dict[str, tuple[str, tuple[bool, bool] | None, dict[str, Any]]] = {
-    "shira-before": ("jax-shira", (False, True), {}),
-    "shira-after": ("jax-shira", (False, False), {}),
-    "shira-after-headsmajor": ("jax-shira", (True, False), {}),
-    "shira-after-densegrad": ("jax-shira", (False, False), {"sampled_max_density": 0.0}),
-    "shira-after-sampled5%": ("jax-shira", (False, False), {"sampled_max_density": 0.05}),
-    "shira-after-remat": ("jax-shira", (False, False), {"remat": True}),
-    "shira-after-nodonate": ("jax-shira", (False, False), {"donate": False}),
-    "lora-before": ("jax-lora", (False, True), {}),
-    "lora-after": ("jax-lora", (False, False), {}),
-    "lora-after-headsmajor": ("jax-lora", (True, False), {}),
-    "lora-after-dense": ("jax-lora-dense", (False, False), {}),
-    "full-before": ("jax-full", (False, True), {}),
-    "full-after": ("jax-full", (False, False), {}),
+S7 = ("einsum-attention", "erfc-gelu")
+
+# XNNPACK instead of YNNPACK for XLA:CPU's dots, as per-program compiler options (not XLA_FLAGS)
+XNN_DOTS = {
+    "xla_cpu_experimental_ynn_fusion_type": "",
+    "xla_cpu_experimental_xnn_fusion_type": "LIBRARY_FUSION_TYPE_DOT",
+}
+# neither library: XLA's own (Eigen) dot emitter
+EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+# name: (bench_train_step method, patches (None: a PyTorch contender), build_jax keyword levers)
+VARIANTS: dict[str, tuple[str, tuple[str, ...] | None, dict[str, Any]]] = {
+    "shira-before": ("jax-shira", ("dot3d", *S7), {}),
+    "shira-s7": ("jax-shira", S7, {}),
+    "shira": ("jax-shira", (), {}),
+    "shira-einsum-attention": ("jax-shira", ("einsum-attention",), {}),
+    "shira-erfc-gelu": ("jax-shira", ("erfc-gelu",), {}),
+    "shira-densegrad": ("jax-shira", (), {"sampled_max_density": 0.0}),
+    "shira-sampled5%": ("jax-shira", (), {"sampled_max_density": 0.05}),
+    "shira-remat": ("jax-shira", (), {"remat": True}),
+    "shira-nodonate": ("jax-shira", (), {"donate": False}),
+    "shira-xnndots": ("jax-shira", (), {"extra_compiler_options": XNN_DOTS}),
+    "shira-eigendots": ("jax-shira", (), {"extra_compiler_options": EIGEN_DOTS}),
+    "lora-before": ("jax-lora", ("dot3d", *S7), {}),
+    "lora-s7": ("jax-lora", S7, {}),
+    "lora": ("jax-lora", (), {}),
+    "lora-dense": ("jax-lora-dense", (), {}),
+    "lora-xnndots": ("jax-lora", (), {"extra_compiler_options": XNN_DOTS}),
+    "lora-eigendots": ("jax-lora", (), {"extra_compiler_options": EIGEN_DOTS}),
+    "full-s7": ("jax-full", S7, {}),
+    "full": ("jax-full", (), {}),
     "peft-shira": ("peft-shira", None, {}),
     "peft-lora": ("peft-lora", None, {}),
     "torch-full": ("torch-full", None, {}),
 }
-
-
-def heads_major_attention(
-    query, key, value, *, mask=None, scale=None, softcap=None, dropout=None, dropout_rate=0.0
-):
-    """``layers.dot_product_attention`` on heads-major (B, N, T, D) operands: the reverted lever
-    (no grouped-query repeat: BERT has none)."""
-    import jax
-    import jax.numpy as jnp
-
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[-1])
-    q, k, v = (jnp.swapaxes(t.astype(jnp.float32), 1, 2) for t in (query, key, value))
-    scores = jnp.einsum("bnqd,bnkd->bnqk", q, k) * jnp.float32(scale)
-    if softcap is not None:
-        scores = softcap * jnp.tanh(scores / softcap)
-    if mask is not None:
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1)
-    if dropout is not None:
-        weights = dropout(weights, dropout_rate)
-    return jnp.swapaxes(jnp.einsum("bnqk,bnkd->bnqd", weights, v), 1, 2).astype(query.dtype)
 
 
 def old_dot(x, w, precision):
@@ -79,20 +77,34 @@ def old_dot(x, w, precision):
 
 
 @contextlib.contextmanager
-def patched(heads_major: bool, legacy_dot: bool) -> Iterator[None]:
-    """Trace inside this context to get the chosen attention and ``_dot``."""
+def patched(patches: tuple[str, ...]) -> Iterator[None]:
+    """Build and trace inside this context to get the earlier implementations named in ``patches``."""
+    import jax
+
     from jaxsparse import factored
     from jaxsparse.models import layers
 
-    saved = layers.dot_product_attention, factored._dot
-    if heads_major:
-        layers.dot_product_attention = heads_major_attention
-    if legacy_dot:
+    unknown = set(patches) - {"dot3d", *S7}
+    if unknown:
+        raise ValueError(f"unknown patches {sorted(unknown)}")
+    saved = (
+        factored._dot,
+        layers.dot_product_attention,
+        dict(layers.ACTIVATIONS),
+    )
+    if "dot3d" in patches:
         factored._dot = old_dot
+    if "einsum-attention" in patches:
+        attention = layers.dot_product_attention
+        layers.dot_product_attention = lambda *a, heads_major=False, **k: attention(*a, **k)
+    if "erfc-gelu" in patches:
+        layers.ACTIVATIONS["gelu"] = partial(jax.nn.gelu, approximate=False)
     try:
         yield
     finally:
-        layers.dot_product_attention, factored._dot = saved
+        factored._dot, layers.dot_product_attention, activations = saved
+        layers.ACTIVATIONS.clear()
+        layers.ACTIVATIONS.update(activations)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
             contender = bench.build_torch(method, batch)
             contender.step()
         else:
-            with patched(*patches):
+            with patched(patches):
                 contender = bench.build_jax(method, batch, **levers)
                 contender.step()  # trace and compile with the chosen implementation
         steps[name] = contender.step

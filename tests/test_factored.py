@@ -254,8 +254,11 @@ def test_zoo_models_give_the_same_outputs_and_gradients_factored(arch):
             jax.tree_util.tree_leaves_with_path(dense_grad), jax.tree.leaves(fact_grad), strict=True
         ):
             scale = float(jnp.abs(g_dense).max()) + 1e-12
+            # 2e-5 of the largest entry: both paths are float32 and sum in different orders, and the
+            # exact GELU (torch's formula, 1 + erf) turns those roundings into up to ~1.1e-5 here; a
+            # wrong gradient is off by O(1) of that scale.
             np.testing.assert_allclose(
-                np.asarray(g_fact) / scale, np.asarray(g_dense) / scale, atol=1e-5, err_msg=f"{name} {path}"
+                np.asarray(g_fact) / scale, np.asarray(g_dense) / scale, atol=2e-5, err_msg=f"{name} {path}"
             )
 
 

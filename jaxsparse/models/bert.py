@@ -79,7 +79,9 @@ class BertSelfAttention(nnx.Module):
 
     def __call__(self, x, mask, drop=layers.NO_DROPOUT):
         q, k, v = (layers.split_heads(f(x), self.num_heads) for f in (self.query, self.key, self.value))
-        out = layers.dot_product_attention(q, k, v, mask=mask, dropout=drop, dropout_rate=self.dropout_rate)
+        out = layers.dot_product_attention(
+            q, k, v, mask=mask, dropout=drop, dropout_rate=self.dropout_rate, heads_major=True
+        )
         return layers.merge_heads(out)
 
 

@@ -60,7 +60,9 @@ class MultiHeadSelfAttention(nnx.Module):
 
     def __call__(self, x, mask):
         q, k, v = (layers.split_heads(f(x), self.n_heads) for f in (self.q_lin, self.k_lin, self.v_lin))
-        return self.out_lin(layers.merge_heads(layers.dot_product_attention(q, k, v, mask=mask)))
+        return self.out_lin(
+            layers.merge_heads(layers.dot_product_attention(q, k, v, mask=mask, heads_major=True))
+        )
 
 
 class FFN(nnx.Module):
