@@ -20,7 +20,9 @@ model load, adapter, optimizer state, ``lower``, ``compile`` (with XLA's ``memor
 temp/argument/output bytes), step 1 and step 2. A variant is a method plus levers, joined by ``+``:
 ``concurrency`` (XLA's default CPU scheduler instead of the memory-optimized one), ``notrim`` (no
 trim after compiles), ``notorch`` (torch hidden, as in a JAX-only install: transformers then
-imports no torch), ``remat`` (every transformer block under ``jax.checkpoint``, ``train.remat``).
+imports no torch), ``noremat`` (``train.remat: false``; the default is ``jaxsparse train``'s,
+``"dots"``: each block's matmul outputs kept, the rest recomputed), ``remat`` (``train.remat:
+true``: every block recomputed from its input).
 
     python benchmarks/bench_memory.py                       # every configuration at 16x128
     python benchmarks/bench_memory.py --methods jax-shira peft-shira --seq-len 64
@@ -107,17 +109,18 @@ def child(method: str, batch_npz: Path, steps: int, threads: int) -> None:
     print(MARK + json.dumps(record), flush=True)
 
 
-LEVERS = ("concurrency", "notrim", "notorch", "remat")
+LEVERS = ("concurrency", "notrim", "notorch", "noremat", "remat")
 STAGE_METHODS = ("jax-shira", "jax-lora", "peft-shira", "peft-lora")
 DEFAULT_VARIANTS = (
-    "jax-shira+concurrency+notrim",  # the step as it was compiled before issue 14
-    "jax-shira+notrim",
+    "jax-shira+concurrency+notrim+noremat",  # the step as it was compiled before issue 14
+    "jax-shira+noremat",  # session 7's defaults
     "jax-shira",
     "jax-shira+notorch",
     "jax-shira+notorch+remat",
     "jax-shira+remat",
-    "jax-lora+concurrency+notrim",
+    "jax-lora+noremat",
     "jax-lora",
+    "jax-lora+notorch",
     "jax-lora+notorch+remat",
     "peft-shira",
     "peft-lora",
@@ -133,6 +136,8 @@ def parse_variant(variant: str) -> tuple[str, set[str]]:
     if bad or (method.startswith("peft") and levers):
         allowed = LEVERS if method.startswith("jax") else "none for PyTorch"
         raise argparse.ArgumentTypeError(f"variant {variant!r}: levers {bad or levers} (allowed: {allowed})")
+    if {"remat", "noremat"} <= set(levers):
+        raise argparse.ArgumentTypeError(f"variant {variant!r}: choose one of the levers remat and noremat")
     return method, set(levers)
 
 
@@ -210,7 +215,7 @@ def stage_child_jax(method: str, levers: set[str], batch_npz: Path, steps: int) 
     state = init_train_state(adapter, optimizer, rng=0)
     del adapter
     stages.mark("optimizer state")
-    remat = "remat" in levers
+    remat = True if "remat" in levers else False if "noremat" in levers else "dots"
 
     def apply_model(p, b):
         with layers.remat_blocks(remat):

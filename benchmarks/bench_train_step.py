@@ -77,14 +77,14 @@ def build_jax(
     batch: dict[str, Any],
     *,
     sampled_max_density: float | None = None,
-    remat: bool = False,
+    remat: bool | str = "dots",
     donate: bool = True,
     extra_compiler_options: dict[str, str] | None = None,
 ) -> Contender:
     """A jaxsparse contender on MiniLM seq_cls: adapter, AdamW state and jitted donated train step.
 
-    ``sampled_max_density`` (None: the library default), ``remat`` (every block under
-    ``jax.checkpoint``), ``donate`` (the state's buffers reused) and ``extra_compiler_options``
+    ``sampled_max_density`` (None: the library default), ``remat`` (``train.remat``: ``"dots"``,
+    the default, ``True`` for every block fully recomputed, ``False`` off), ``donate`` (the state's buffers reused) and ``extra_compiler_options``
     (XLA options added to the step's own, :func:`jaxsparse.train.step_compiler_options`) are levers
     for benchmarks/profile_train_step.py and bench_train_step_levers.py; the defaults are what
     ``jaxsparse train`` runs."""

@@ -2,15 +2,18 @@
 
 Every contender is built by ``bench_train_step.py`` (MiniLM-L6 seq-cls, 16x128 real batch, AdamW) and
 timed interleaved (one step of each per round). A variant may trace its step with earlier
-implementations patched in (:data:`PATCHES`), so one run compares the library with and without
+implementations patched in (:func:`patched`), so one run compares the library with and without
 each change:
 
 - ``dot3d``: the ``factored._dot`` before issue 14, contracting the 3-D input (BENCHMARKS.md 2c);
 - ``einsum-attention``: attention on (B, T, N, D) einsums, as before ``heads_major`` (2d);
 - ``erfc-gelu``: ``jax.nn.gelu(approximate=False)``, which goes through ``erfc`` (2d).
 
-``-s7`` variants carry the last two (the tree at the end of session 7); ``-before`` all four.
-The other levers (sampled-gradient threshold, remat, donation, LoRA dense form) use the current code.
+``-s7`` variants carry the last two (the model code at the end of session 7), ``-before`` all
+three; both with this tree's remat default.
+The other levers (sampled-gradient threshold, remat: ``-remat`` every block recomputed,
+``-noremat`` off, the default ``"dots"`` as ``jaxsparse train``; donation, LoRA dense form, the
+XLA:CPU dot library) use the current code.
 
     python benchmarks/bench_train_step_levers.py                      # every contender, 5 rounds
     python benchmarks/bench_train_step_levers.py --only lora-s7 lora peft-lora --rounds 3
@@ -52,6 +55,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...] | None, dict[str, Any]]] = {
     "shira-densegrad": ("jax-shira", (), {"sampled_max_density": 0.0}),
     "shira-sampled5%": ("jax-shira", (), {"sampled_max_density": 0.05}),
     "shira-remat": ("jax-shira", (), {"remat": True}),
+    "shira-noremat": ("jax-shira", (), {"remat": False}),
     "shira-nodonate": ("jax-shira", (), {"donate": False}),
     "shira-xnndots": ("jax-shira", (), {"extra_compiler_options": XNN_DOTS}),
     "shira-eigendots": ("jax-shira", (), {"extra_compiler_options": EIGEN_DOTS}),
@@ -59,6 +63,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...] | None, dict[str, Any]]] = {
     "lora-s7": ("jax-lora", S7, {}),
     "lora": ("jax-lora", (), {}),
     "lora-dense": ("jax-lora-dense", (), {}),
+    "lora-noremat": ("jax-lora", (), {"remat": False}),
     "lora-xnndots": ("jax-lora", (), {"extra_compiler_options": XNN_DOTS}),
     "lora-eigendots": ("jax-lora", (), {"extra_compiler_options": EIGEN_DOTS}),
     "full-s7": ("jax-full", S7, {}),

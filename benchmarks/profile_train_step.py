@@ -563,7 +563,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds of every part")
     ap.add_argument("--trace-steps", type=int, default=2, help="steps under the op profilers")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    ap.add_argument("--remat", action="store_true", help="JAX: every block under jax.checkpoint")
+    ap.add_argument(
+        "--remat",
+        action="store_const",
+        const=True,
+        default="dots",
+        help="JAX: every block fully recomputed (train.remat: true; default: 'dots', as jaxsparse train)",
+    )
+    ap.add_argument(
+        "--no-remat", dest="remat", action="store_const", const=False, help="JAX: train.remat: false"
+    )
     ap.add_argument("--no-donate", action="store_true", help="JAX: do not donate the train state")
     ap.add_argument(
         "--sampled-max-density",

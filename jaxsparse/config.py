@@ -44,6 +44,9 @@ MASK_TYPES = ("random",)
 ADAPTER_SHARDINGS = ("replicated", "fsdp")
 ON_NONFINITE = ("stop", "skip")
 PRECISIONS = ("float32", "bfloat16")
+# Gradient checkpointing (jaxsparse.models.layers.remat_blocks): off, every block recomputed
+# (true = "full"), or the blocks' matmul outputs kept and the rest recomputed ("dots").
+REMATS = (False, True, "full", "dots")
 # Sparse LoRA's pruning schedule and magnitude ranking (jaxsparse.methods.sparse_lora).
 PRUNE_SCHEDULES = ("cubic", "one_shot")
 PRUNE_SCOPES = ("factor", "global")
@@ -185,7 +188,9 @@ class TrainConfig:
     # leaves, their gradients and the optimizer state in float32.
     precision: str = "float32"
     # Gradient checkpointing: every transformer block under jax.checkpoint (less memory, same result).
-    remat: bool = False
+    # "dots" (the default) keeps each block's matmul outputs and recomputes the elementwise work;
+    # true ("full") keeps only each block's input; false: off.
+    remat: bool | str = "dots"
     # Attention-probability dropout rate during training, overriding the model config's; null: the
     # config's rate, and only with train.dropout.
     attention_dropout: float | None = None
@@ -219,6 +224,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.adapter_sharding": ADAPTER_SHARDINGS,
     "train.on_nonfinite": ON_NONFINITE,
     "train.precision": PRECISIONS,
+    "train.remat": REMATS,
     "adapter.prune_schedule": PRUNE_SCHEDULES,
     "adapter.prune_scope": PRUNE_SCOPES,
 }

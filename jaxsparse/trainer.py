@@ -647,11 +647,11 @@ def causal_lm_nll(
     return (nll * mask).sum(), mask.sum()
 
 
-def model_fn(model: Any, *, dropout: bool = False, remat: bool = False) -> Callable[..., jax.Array]:
+def model_fn(model: Any, *, dropout: bool = False, remat: bool | str = False) -> Callable[..., jax.Array]:
     """``apply_model(params, batch) -> logits`` for :mod:`jaxsparse.train`; with ``dropout``,
     ``apply_model(params, batch, rng)`` with the model's dropout on (``takes_rng=True``); with
-    ``remat``, every transformer block under ``jax.checkpoint`` (:func:`jaxsparse.models.layers.remat_blocks`,
-    entered here, inside the traced function)."""
+    ``remat`` (``True``/``"full"`` or ``"dots"``), every transformer block under ``jax.checkpoint``
+    (:func:`jaxsparse.models.layers.remat_blocks`, entered here, inside the traced function)."""
     from jaxsparse.models import layers
 
     if dropout:

@@ -27,6 +27,7 @@ from jaxsparse import delta as delta_lib
 from jaxsparse import models, trainer
 from jaxsparse import train as train_lib
 from jaxsparse.methods import registry
+from jaxsparse.models import layers
 from tests.test_trainer import (
     VOCAB,
     _quiet,
@@ -254,8 +255,13 @@ def es_resume_runs(tmp_path_factory):
         cfg = tiny_config(tmp, "full", *extra)
         reference = trainer.train(cfg, model=tiny_classifier(), log=_quiet)
         assert reference.stopped_at is not None and reference.best_step not in (None, reference.stopped_at)
-        other = config_lib.Config(**{**vars(cfg), "output": str(tmp / "interrupted")})
-        assert other.train.remat is False
+        other = config_lib.Config(
+            **{
+                **vars(cfg),
+                "output": str(tmp / "interrupted"),
+                "train": dataclasses.replace(cfg.train, remat=False),
+            }
+        )
         cut = reference.best_step + 1  # after the best evaluation, before the stop
 
         def interrupt(step, loss):
@@ -360,8 +366,10 @@ def test_bf16_run_end_to_end_writes_a_float32_adapter(llama_runs):
 # ----------------------------------------------------------------------------- gradient checkpointing
 
 
-@pytest.mark.parametrize("arch", ["llama", "bert"])
-def test_remat_gives_the_same_loss_and_gradients(tmp_path, arch):
+@pytest.mark.parametrize(
+    ("arch", "mode"), [("llama", True), ("bert", True), ("llama", "dots"), ("bert", "dots")]
+)
+def test_remat_gives_the_same_loss_and_gradients(tmp_path, arch, mode):
     # BERT with its dropout on: the recomputed blocks draw the same masks. The key is an "rbg" one:
     # the masks are a function of the key whatever its kind, and threefry's random bits at BERT's
     # five dropout sites per block would take most of this file's compile time.
@@ -372,16 +380,32 @@ def test_remat_gives_the_same_loss_and_gradients(tmp_path, arch):
     adapter = sparta_adapter(model.params)
     rng = jax.random.key(3, impl="rbg") if arch == "bert" else None
     plain = loss_and_grads(model, adapter, batch, remat=False, rng=rng)
-    remat = loss_and_grads(model, adapter, batch, remat=True, rng=rng)
+    remat = loss_and_grads(model, adapter, batch, remat=mode, rng=rng)
     assert remat[0] == pytest.approx(plain[0], rel=1e-6)
     for a, b in zip(jax.tree.leaves(plain[1]), jax.tree.leaves(remat[1]), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
     # and the blocks really are checkpointed (one remat per transformer block)
     f = train_lib.value_and_grad(
-        trainer.model_fn(model, remat=True), trainer.train_loss_fn("seq_cls"), factored=True
+        trainer.model_fn(model, remat=mode), trainer.train_loss_fn("seq_cls"), factored=True
     )
     jaxpr = str(jax.make_jaxpr(f)(adapter, model.params, batch))
     assert jaxpr.count("remat") >= 2
+    # "dots" names its policy in the checkpoint primitive; the full one saves nothing
+    assert ("policy=DotsSaveable" in jaxpr) == (mode == "dots")
+
+
+def test_remat_defaults_to_dots_and_refuses_an_unknown_mode(tmp_path):
+    assert config_lib.Config().train.remat == "dots"
+    assert set(layers.REMAT_POLICIES) == {m for m in config_lib.REMATS if isinstance(m, str)}
+    with pytest.raises(config_lib.ConfigError, match=r"'train.remat' = 'everything' is not allowed"):
+        tiny_config(tmp_path, "full", "train.remat=everything")
+    with (
+        pytest.raises(
+            ValueError, match=r"remat must be true, false or one of \['dots', 'full'\], got 'some'"
+        ),
+        layers.remat_blocks("some"),
+    ):
+        pass
 
 
 # ----------------------------------------------------------------------------- attention dropout
@@ -471,7 +495,11 @@ def test_attention_dropout_on_a_model_without_dropout_is_a_config_error(tmp_path
             "train.precision=bf16",
             r"'train.precision' = 'bf16' is not allowed; allowed values: \['float32', 'bfloat16'\]",
         ),
-        ("train.remat=yes please", r"'train.remat' must be bool"),
+        (
+            "train.remat=yes please",
+            r"'train.remat' = 'yes please' is not allowed; allowed values: \[False, True, 'full', 'dots'\]",
+        ),
+        ("train.remat=3", r"'train.remat' must be bool \| str"),
         ("train.attention_dropout=1", r"'train.attention_dropout' must be in \[0, 1\) or null"),
     ],
 )

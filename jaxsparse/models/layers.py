@@ -281,16 +281,48 @@ def dot_product_attention(
     return out.astype(query.dtype)
 
 
-# Whether the transformer blocks traced now are rematerialised (see :func:`remat_blocks`).
-_REMAT_BLOCKS: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxsparse_remat_blocks", default=False)
+# What a checkpointed block keeps for the backward pass, by ``remat_blocks`` mode: "full" keeps
+# only the block's input (jax.checkpoint's default), "dots" keeps the matmul outputs.
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_saveable,
+}
+
+# How the transformer blocks traced now are rematerialised: None (not at all) or a REMAT_POLICIES key.
+_REMAT_BLOCKS: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "jaxsparse_remat_blocks", default=None
+)
+
+
+def remat_mode(mode: bool | str | None) -> str | None:
+    """The :data:`REMAT_POLICIES` key a ``train.remat`` value names: ``True`` is ``"full"``,
+    ``False``/``None`` is off (``None``).
+
+    Example:
+        >>> remat_mode(True), remat_mode("dots"), remat_mode(False)
+        ('full', 'dots', None)
+    """
+    if mode is None or mode is False:
+        return None
+    if mode is True:
+        return "full"
+    if mode not in REMAT_POLICIES:
+        raise ValueError(f"remat must be true, false or one of {sorted(REMAT_POLICIES)}, got {mode!r}")
+    return mode
 
 
 @contextlib.contextmanager
-def remat_blocks(enabled: bool = True) -> Iterator[None]:
+def remat_blocks(mode: bool | str = True) -> Iterator[None]:
     """Gradient checkpointing for the forward passes *traced* inside the context: every transformer
-    block of the zoo's models runs under ``jax.checkpoint`` (:func:`call_block`), so a backward pass
-    keeps only each block's input and recomputes its activations (memory O(layers) instead of
-    O(layers x block activations), one extra forward of compute). The result is unchanged.
+    block of the zoo's models runs under ``jax.checkpoint`` (:func:`call_block`). The result is
+    unchanged; what the backward pass keeps depends on ``mode``:
+
+    - ``True`` / ``"full"``: only each block's input; the backward recomputes the whole block
+      (memory O(layers) instead of O(layers x block activations), one extra forward of compute);
+    - ``"dots"``: each block's matmul outputs; the backward recomputes only the elementwise work
+      (GELU, softmax, norms, residual adds) from them. On CPU this costs no measurable step time and
+      cuts a MiniLM step's activation memory by about 30% (benchmarks/BENCHMARKS.md, section 3c);
+    - ``False``: off.
 
     A trace-time switch, like ``jax.default_matmul_precision``: enter it inside the function that
     ``jax.jit``/``jax.grad`` traces (the trainer's ``apply_model`` does), not around the call of an
@@ -303,12 +335,12 @@ def remat_blocks(enabled: bool = True) -> Iterator[None]:
         ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
         >>> m = init_params(cfg, task="causal_lm")
         >>> def loss(p):
-        ...     with remat_blocks():
+        ...     with remat_blocks("dots"):
         ...         return m.apply_fn(p, jnp.array([[1, 2, 3]])).sum()
         >>> "remat" in str(jax.make_jaxpr(jax.grad(loss))(m.params))  # the checkpoint primitive
         True
     """
-    token = _REMAT_BLOCKS.set(bool(enabled))
+    token = _REMAT_BLOCKS.set(remat_mode(mode))
     try:
         yield
     finally:
@@ -322,9 +354,10 @@ def call_block(block: nnx.Module, x: jax.Array, *rest: Any) -> Any:
     through it); ``rest`` (masks, rotary tables, caches, the :class:`Dropout` of the pass) is closed
     over, so the recomputed forward draws the same dropout masks.
     """
-    if not _REMAT_BLOCKS.get():
+    mode = _REMAT_BLOCKS.get()
+    if mode is None:
         return block(x, *rest)
-    return nnx.remat(lambda module, hidden: module(hidden, *rest))(block, x)
+    return nnx.remat(lambda module, hidden: module(hidden, *rest), policy=REMAT_POLICIES[mode])(block, x)
 
 
 def last_token_index(

@@ -21,7 +21,9 @@ def test_variants_parse_to_a_method_and_levers(bm):
         bm.parse_variant(name)
 
 
-@pytest.mark.parametrize("bad", ["jax-full", "jax-shira+fast", "peft-shira+remat", "jax-shira+"])
+@pytest.mark.parametrize(
+    "bad", ["jax-full", "jax-shira+fast", "peft-shira+remat", "jax-shira+", "jax-shira+remat+noremat"]
+)
 def test_bad_variants_are_refused_naming_what_is_allowed(bm, bad):
     with pytest.raises(argparse.ArgumentTypeError, match="variant"):
         bm.parse_variant(bad)
