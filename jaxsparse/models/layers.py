@@ -320,8 +320,8 @@ def remat_blocks(mode: bool | str = True) -> Iterator[None]:
     - ``True`` / ``"full"``: only each block's input; the backward recomputes the whole block
       (memory O(layers) instead of O(layers x block activations), one extra forward of compute);
     - ``"dots"``: each block's matmul outputs; the backward recomputes only the elementwise work
-      (GELU, softmax, norms, residual adds) from them. On CPU this costs no measurable step time and
-      cuts a MiniLM step's activation memory by about 30% (benchmarks/BENCHMARKS.md, section 3c);
+      (GELU, softmax, norms, residual adds) from them. On CPU this cost within 2% of the step time
+      and cut XLA's activation memory by 21-33% on MiniLM and SmolLM2-135M (BENCHMARKS.md, 3c);
     - ``False``: off.
 
     A trace-time switch, like ``jax.default_matmul_precision``: enter it inside the function that

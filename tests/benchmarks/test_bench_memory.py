@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import mmap
 
 import pytest
 
@@ -32,11 +33,14 @@ def test_bad_variants_are_refused_naming_what_is_allowed(bm, bad):
 def test_stages_record_this_process_memory(bm):
     stages = bm.Stages()
     stages.mark("a")
-    block = bytearray(64 * 2**20)  # 64 MiB, written: resident
-    block[::4096] = b"x" * len(block[::4096])
+    # 64 MiB of fresh anonymous pages, each written: resident. (A bytearray may be carved from heap
+    # memory an earlier test freed and that is still resident, so RSS would not move.)
+    block = mmap.mmap(-1, 64 * 2**20)
+    for offset in range(0, len(block), 4096):
+        block[offset] = 1
     stages.mark("b", note=1)
     a, b = stages.rows
     assert (a["stage"], b["stage"], b["note"]) == ("a", "b", 1)
     assert b["rss_mib"] - a["rss_mib"] > 60 and b["peak_mib"] >= b["rss_mib"]
     assert "jax_live_mib" not in a  # the probe must not start XLA's client itself
-    del block
+    block.close()
