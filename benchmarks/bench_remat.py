@@ -39,17 +39,16 @@ TARGETS = {
 }
 
 
-def build_step(model_name: str, method_name: str, mode: bool | str) -> tuple[Any, float]:
-    """A ``step()`` closure running one training step, and the compiled step's XLA temp in MiB."""
+def load_case(model_name: str, method_name: str) -> dict[str, Any]:
+    """The model, batch, loss and r=8 adapter one (model, method) pair is measured on; loaded once
+    and shared by the three remat modes' steps."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
 
     from jaxsparse import models
-    from jaxsparse import train as train_lib
     from jaxsparse.methods import registry
-    from jaxsparse.models import layers
     from jaxsparse.trainer import causal_lm_nll
 
     if model_name == "minilm":
@@ -73,14 +72,27 @@ def build_step(model_name: str, method_name: str, mode: bool | str) -> tuple[Any
     adapter = method.init(
         model.params, method.config_class(r=8, target_modules=TARGETS[model_name]), jax.random.key(0)
     )
+    return {"model": model, "batch": batch, "loss_fn": loss_fn, "adapter": adapter}
+
+
+def build_step(case: dict[str, Any], mode: bool | str) -> tuple[Any, float]:
+    """A ``step()`` closure running one training step of ``case`` with ``train.remat: mode``, and
+    the compiled step's XLA temp in MiB."""
+    import jax
+    import optax
+
+    from jaxsparse import train as train_lib
+    from jaxsparse.models import layers
+
+    model, batch = case["model"], case["batch"]
 
     def apply_model(p: Any, b: dict[str, jax.Array]) -> jax.Array:
         with layers.remat_blocks(mode):
             return model.apply_fn(p, b["input_ids"], b["attention_mask"])
 
     optimizer = optax.adamw(1e-4, weight_decay=0.01)
-    holder = {"state": train_lib.init_train_state(adapter, optimizer, rng=0)}
-    train_step = train_lib.make_train_step(apply_model, loss_fn, optimizer, factored=True)
+    holder = {"state": train_lib.init_train_state(case["adapter"], optimizer, rng=0)}
+    train_step = train_lib.make_train_step(apply_model, case["loss_fn"], optimizer, factored=True)
     compiled = train_step.lower(holder["state"], model.params, batch).compile()
     temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
 
@@ -108,9 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     print(common.load_line(record["machine_before"]), file=sys.stderr)
     for model_name in args.models:
         for method_name in args.methods:
+            case = load_case(model_name, method_name)
             steps, temps = {}, {}
             for mode in MODES:
-                steps[mode], temps[mode] = build_step(model_name, method_name, mode)
+                steps[mode], temps[mode] = build_step(case, mode)
             times: dict[Any, list[float]] = {mode: [] for mode in MODES}
             for _ in range(args.rounds):
                 for mode in MODES:

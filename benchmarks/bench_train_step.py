@@ -84,10 +84,10 @@ def build_jax(
     """A jaxsparse contender on MiniLM seq_cls: adapter, AdamW state and jitted donated train step.
 
     ``sampled_max_density`` (None: the library default), ``remat`` (``train.remat``: ``"dots"``,
-    the default, ``True`` for every block fully recomputed, ``False`` off), ``donate`` (the state's buffers reused) and ``extra_compiler_options``
-    (XLA options added to the step's own, :func:`jaxsparse.train.step_compiler_options`) are levers
-    for benchmarks/profile_train_step.py and bench_train_step_levers.py; the defaults are what
-    ``jaxsparse train`` runs."""
+    the default, ``True`` for every block fully recomputed, ``False`` off), ``donate`` (the
+    state's buffers reused) and ``extra_compiler_options`` (XLA options added to the step's own,
+    :func:`jaxsparse.train.step_compiler_options`) are levers for benchmarks/profile_train_step.py
+    and bench_train_step_levers.py; the defaults are what ``jaxsparse train`` runs."""
     import jax
     import jax.numpy as jnp
     import numpy as np
