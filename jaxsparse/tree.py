@@ -65,9 +65,13 @@ def get_leaf(tree: PyTree, path: str) -> Any:
     for depth, part in enumerate(parts):
         # Plain dicts (every Flax params tree) take the direct lookup: merge and switch walk a few
         # hundred paths per call, where the generic walk below was most of the host time.
-        if type(node) is dict and part in node:
-            node = node[part]
-            continue
+        if type(node) is dict:
+            if part in node:
+                node = node[part]
+                continue
+            if part.isdigit() and int(part) in node:  # layer lists stored as {0: ..., 1: ...}
+                node = node[int(part)]
+                continue
         try:
             if isinstance(node, Mapping):
                 node = node[part] if part in node else node[int(part)]
@@ -113,18 +117,26 @@ def _replace_in_dicts(tree: PyTree, new_leaves: Mapping[str, Any]) -> PyTree | N
         parts = path.split(".")
         node, prefix = copies[()], ()
         for part in parts[:-1]:
-            child = node.get(part)
+            key = _dict_key(node, part)
+            child = node.get(key)
             if type(child) is not dict:
                 return None
             prefix = (*prefix, part)
             if prefix not in copies:
-                copies[prefix] = node[part] = dict(child)
+                copies[prefix] = node[key] = dict(child)
             node = copies[prefix]
-        last = parts[-1]
+        last = _dict_key(node, parts[-1])
         if not hasattr(node.get(last), "shape"):
             return None  # not an array leaf (a sub-tree, None, or missing): the general path decides
         node[last] = leaf
     return copies[()]
+
+
+def _dict_key(node: dict, part: str) -> Any:
+    # The key get_leaf() would take: the string, else its integer (layer stacks keyed 0, 1, ...).
+    if part not in node and part.isdigit() and int(part) in node:
+        return int(part)
+    return part
 
 
 def module_paths(tree: PyTree) -> list[str]:
