@@ -9,7 +9,10 @@ random values) on the torch model and saves them; jaxsparse loads those files wi
   of it (``x floor``) and as PEFT's time over ours, both from medians of the same run; a switch
   writes 2k entries (A's back, B's new), so it is also reported against the same scatter-add of
   2k entries;
-- jaxsparse: ``merge.merge(params, a, donate=True)``, ``merge.switch(..., a, saved, b, donate=True)``,
+- jaxsparse: ``merge.merge(params, a, donate=True)``, ``merge.switch(..., a, saved, c, donate=True)``
+  where ``c`` has A's mask (equal index arrays) and B's values (``switch, shared mask``: one
+  scatter per weight, compared with PEFT's switch, which costs the same whatever the masks),
+  ``merge.switch(..., c, saved, b, donate=True)``,
   ``merge.unmerge(..., b, saved, donate=True)`` (jitted scatters, weights updated in place), plus
   ``merge.merge(params, a)`` without donation (copies every targeted weight; compared with one copy
   of the targeted weights, also timed, plus the floor) and ``merge.validate`` alone (run once on
@@ -115,6 +118,7 @@ def bench_one(
 
     from jaxsparse import merge
     from jaxsparse.adapter_io import load_adapter
+    from jaxsparse.delta import Adapter, SparseDelta
     from jaxsparse.models.naming import hf_key
 
     base = copy.deepcopy(torch_base)
@@ -195,8 +199,26 @@ def bench_one(
         state["params"], state["saved"] = merge.merge(state["params"], a, donate=True)
         jax.block_until_ready(state["params"])
 
+    # A third adapter on A's mask (equal copies of A's index arrays, as two files of adapters trained
+    # from one mask load) with B's values: a switch between the two is one scatter per weight.
+    shared = Adapter(
+        {
+            p: SparseDelta(jax.numpy.array(np.asarray(d.indices)), b.deltas[p].values, d.shape)
+            for p, d in a.deltas.items()
+        }
+    )
+    merge.validate(state["params"], shared)
+
+    def jax_switch_shared() -> None:
+        state["params"], state["saved"] = merge.switch(
+            state["params"], a, state["saved"], shared, donate=True
+        )
+        jax.block_until_ready(state["params"])
+
     def jax_switch() -> None:
-        state["params"], state["saved"] = merge.switch(state["params"], a, state["saved"], b, donate=True)
+        state["params"], state["saved"] = merge.switch(
+            state["params"], shared, state["saved"], b, donate=True
+        )
         jax.block_until_ready(state["params"])
 
     def jax_unmerge() -> None:
@@ -279,6 +301,7 @@ def bench_one(
         "jax validate only": jax_validate,
         "jax merge": jax_merge,
         "peft merge": torch_merge,
+        "jax switch, shared mask": jax_switch_shared,
         "jax switch": jax_switch,
         "peft switch": torch_switch,
         "jax unmerge": jax_unmerge,
@@ -294,7 +317,7 @@ def bench_one(
     }
     # The first round compiles each jitted scatter (timed separately here).
     compile_s = {}
-    for name in ("jax merge", "jax switch", "jax unmerge"):
+    for name in ("jax merge", "jax switch, shared mask", "jax switch", "jax unmerge"):
         _, compile_s[name] = common.timed(fns[name])
     for name in ("peft merge", "peft switch", "peft unmerge"):
         fns[name]()
@@ -321,6 +344,11 @@ def bench_one(
         },
         "floor_2k_ms (median)": med["floor 2k (the switch's writes)"],
         "switch_multiple_of_floor_2k (median)": med["jax switch"] / med["floor 2k (the switch's writes)"],
+        # PEFT's switch costs the same whatever the masks (dense to_dense + add per weight).
+        "shared_mask_switch": {
+            "multiple_of_floor": med["jax switch, shared mask"] / floor,
+            "peft_switch_over_jax": med["peft switch"] / med["jax switch, shared mask"],
+        },
         "copy_merge_vs_copy_plus_floor": med["jax merge (copy, no donation)"]
         / (med["jax copy of targeted weights"] + floor),
         "shira_merge_speedup_over_lora_merge (median)": {
@@ -392,6 +420,9 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 + f"; floor {res['floor_ms (median)']:.2f} ms; x floor "
                 + ", ".join(f"{k} {v:.2f}" for k, v in res["multiple_of_floor (median)"].items())
+                + f"; shared-mask switch {t['jax switch, shared mask']['median_ms']:.2f} ms"
+                + f" ({res['shared_mask_switch']['multiple_of_floor']:.2f}x floor,"
+                + f" {res['shared_mask_switch']['peft_switch_over_jax']:.1f}x PEFT)"
                 + f"; merged diff {res['max_abs_diff_merged_peft_vs_jax']:.1e}",
                 file=sys.stderr,
             )

@@ -335,10 +335,18 @@ def _scatter(
     weights: dict[str, jax.Array],
     undo: dict[str, tuple[jax.Array, jax.Array]],
     do: dict[str, tuple[jax.Array, jax.Array]],
+    swap: dict[str, tuple[jax.Array, jax.Array, jax.Array]],
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     new, saved = {}, {}
     for path, weight in weights.items():
         flat = weight.reshape(-1)
+        if path in swap:
+            # A switch between adapters with the same indices: the entries' originals are already
+            # saved, so one scatter writes (original + B's value), bit for bit what unmerging A
+            # and merging B gives, with no gather.
+            idx, old, values = swap[path]
+            new[path] = _put(flat, idx, _added(old, values, weight.dtype)).reshape(weight.shape)
+            continue
         if path in undo:
             idx, old = undo[path]
             flat = _put(flat, idx, old)
@@ -346,11 +354,69 @@ def _scatter(
             idx, values = do[path]
             old = _take(flat, idx)
             saved[path] = old
-            # The same rule as SparseDelta.apply (float32 sum, cast back), so merge == apply bit for bit.
-            added = (old.astype(jnp.float32) + values.astype(jnp.float32)).astype(weight.dtype)
-            flat = _put(flat, idx, added)
+            flat = _put(flat, idx, _added(old, values, weight.dtype))
         new[path] = flat.reshape(weight.shape)
     return new, saved
+
+
+def _added(old: jax.Array, values: jax.Array, dtype: Any) -> jax.Array:
+    # The same rule as SparseDelta.apply (float32 sum, cast back), so merge == apply bit for bit.
+    return (old.astype(jnp.float32) + values.astype(jnp.float32)).astype(dtype)
+
+
+@jax.jit
+def _indices_equal(pairs: dict[str, tuple[jax.Array, jax.Array]]) -> dict[str, jax.Array]:
+    return {p: jnp.array_equal(a, b) for p, (a, b) in pairs.items()}
+
+
+class _EqualPairs:
+    """Whether two index arrays hold the same entries, remembered per pair of jax Arrays.
+
+    Like :class:`_Checked`: only immutable jax Arrays are remembered, by identity, and an entry
+    goes when either array is freed. A switch between adapters loaded from files compares their
+    index arrays once (one program for all paths), not on every switch.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, int], tuple[weakref.ref, weakref.ref, bool]] = {}
+
+    def lookup(self, a: Any, b: Any) -> bool | None:
+        entry = self._entries.get((id(a), id(b)))
+        if entry is None or entry[0]() is not a or entry[1]() is not b:
+            return None
+        return entry[2]
+
+    def remember(self, a: Any, b: Any, equal: bool) -> None:
+        key = (id(a), id(b))
+        drop = lambda _, key=key: self._entries.pop(key, None)  # noqa: E731
+        self._entries[key] = (weakref.ref(a, drop), weakref.ref(b, drop), equal)
+
+
+_EQUAL_PAIRS = _EqualPairs()
+
+
+def _shared_indices(pairs: dict[str, tuple[Any, Any]]) -> set[str]:
+    """The paths whose two index arrays are equal (the same object, or compared on device once)."""
+    same, unknown = set(), {}
+    for path, (a, b) in pairs.items():
+        if a is b:
+            same.add(path)
+        elif a.shape == b.shape and a.dtype == b.dtype:
+            known = _EQUAL_PAIRS.lookup(a, b)
+            if known is None:
+                unknown[path] = (a, b)
+            elif known:
+                same.add(path)
+    remember = all(
+        isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) for ab in unknown.values() for x in ab
+    )
+    if unknown and remember:
+        for path, equal in jax.device_get(_indices_equal(unknown)).items():
+            a, b = unknown[path]
+            _EQUAL_PAIRS.remember(a, b, bool(equal))
+            if equal:
+                same.add(path)
+    return same
 
 
 _scatter_copy = jax.jit(_scatter)
@@ -381,11 +447,17 @@ def _transition(
         current.update(saved["dense"])
     do_deltas = {} if do_adapter is None else do_adapter.deltas
     do = {p: (d.indices, d.values) for p, d in do_deltas.items() if isinstance(d, SparseDelta)}
-    scattered = list(dict.fromkeys([*undo, *do]))
+    swap: dict[str, tuple[jax.Array, jax.Array, jax.Array]] = {}
     saved_to: Saved = {"deltas": {}, "dense": {}}
+    for path in _shared_indices({p: (undo[p][0], do[p][0]) for p in undo.keys() & do.keys()}):
+        (idx, old), (_, values) = undo.pop(path), do.pop(path)
+        swap[path] = (idx, old, values)
+        saved_to["deltas"][path] = old  # the same originals: B's saved entries are A's
+    scattered = list(dict.fromkeys([*undo, *do, *swap]))
     if scattered:
         weights = {p: now(p) for p in scattered}
-        new, saved_to["deltas"] = (_scatter_donate if donate else _scatter_copy)(weights, undo, do)
+        new, saved_new = (_scatter_donate if donate else _scatter_copy)(weights, undo, do, swap)
+        saved_to["deltas"].update(saved_new)
         current.update(new)
     for path, d in do_deltas.items():
         if not isinstance(d, SparseDelta):

@@ -131,6 +131,60 @@ def test_switch_equals_unmerge_then_merge(seed, donate):
     _assert_tree_bits(merge_lib.unmerge(got, second, got_saved), snapshot)
 
 
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), donate=st.booleans(), dtype=st.sampled_from(DTYPES))
+def test_switch_between_adapters_sharing_a_mask_is_one_scatter_and_exact(seed, donate, dtype):
+    # Adapters trained from one mask (same seed) share their indices: the switch writes the saved
+    # originals plus B's values in one scatter per weight. Same bits as unmerge + merge, whether the
+    # indices are the same arrays, equal copies (as from two files) or differ on some paths.
+    rng = np.random.default_rng(seed)
+    params = _params(rng, dtype)
+    first = _adapter(rng, paths=("a.kernel", "b.kernel", "c.kernel"), dense=())
+    values = lambda d: jnp.asarray(rng.standard_normal(d.k).astype(np.float32))  # noqa: E731
+    fa, fb, fc = (first.deltas[p] for p in ("a.kernel", "b.kernel", "c.kernel"))
+    second = Adapter(
+        {
+            "a.kernel": SparseDelta(fa.indices, values(fa), fa.shape),  # the same index array
+            "b.kernel": SparseDelta(jnp.array(np.asarray(fb.indices)), values(fb), fb.shape),  # an equal copy
+            "c.kernel": SparseDelta(
+                jnp.asarray(np.setdiff1d(np.arange(21), fc.indices)[: fc.k].astype(np.int32)),
+                values(fc),
+                fc.shape,
+            ),
+        }
+    )
+    snapshot = jax.tree_util.tree_map(np.array, params)
+    merged, saved = merge_lib.merge(params, first)
+    want, want_saved = merge_lib.merge(merge_lib.unmerge(merged, first, saved), second)
+    got, got_saved = merge_lib.switch(merged, first, saved, second, donate=donate)
+    pairs = {p: (first.deltas[p].indices, second.deltas[p].indices) for p in second.deltas}
+    assert merge_lib._shared_indices(pairs) == {"a.kernel", "b.kernel"}  # c: another mask
+    _assert_tree_bits(got, want)
+    _assert_tree_bits(got_saved, want_saved)
+    _assert_tree_bits(merge_lib.unmerge(got, second, got_saved), snapshot)
+
+
+def test_index_equality_is_compared_once_per_pair_of_arrays(monkeypatch):
+    rng = np.random.default_rng(11)
+    params = _params(rng)
+    first = _adapter(rng, paths=("a.kernel",), dense=())
+    d = first.deltas["a.kernel"]
+    second = Adapter({"a.kernel": SparseDelta(jnp.array(np.asarray(d.indices)), d.values + 1, d.shape)})
+    other = Adapter(
+        {"a.kernel": SparseDelta(jnp.array(np.asarray(d.indices)[::-1].copy()), d.values, d.shape)}
+    )
+    calls = []
+    real = merge_lib._indices_equal
+    monkeypatch.setattr(merge_lib, "_indices_equal", lambda pairs: calls.append(sorted(pairs)) or real(pairs))
+    merged, saved = merge_lib.merge(params, first)
+    for _ in range(3):
+        merged, saved = merge_lib.switch(merged, first, saved, second)
+        merged, saved = merge_lib.switch(merged, second, saved, first)
+    assert calls == [["a.kernel"], ["a.kernel"]]  # first -> second, second -> first; then remembered
+    assert merge_lib._shared_indices({"a.kernel": (d.indices, other.deltas["a.kernel"].indices)}) == set()
+    _assert_tree_bits(merged, merge_lib.merge(params, first)[0])
+
+
 def test_merge_inplace_donates_the_targeted_weights_only():
     rng = np.random.default_rng(1)
     params = _params(rng)
