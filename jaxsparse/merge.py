@@ -75,9 +75,24 @@ def _device_stats(indices: dict[str, jax.Array], floats: dict[str, jax.Array]) -
     return sparse, nonfinite
 
 
-def _weight(params: PyTree, path: str, what: str) -> Any:
+class _Leaves:
+    """The leaves of ``params`` by path, each walked to once per call: merge, unmerge and switch
+    consult the same few hundred weights in their checks and in the scatter."""
+
+    def __init__(self, params: PyTree) -> None:
+        self.params = params
+        self._found: dict[str, Any] = {}
+
+    def __call__(self, path: str) -> Any:
+        found = self._found.get(path)
+        if found is None:
+            found = self._found[path] = tree_lib.get_leaf(self.params, path)
+        return found
+
+
+def _weight(leaves: _Leaves, path: str, what: str) -> Any:
     try:
-        weight = tree_lib.get_leaf(params, path)
+        weight = leaves(path)
     except KeyError as e:
         raise AdapterError(f"adapter {what} {path!r} is not a parameter of the model: {e.args[0]}") from None
     if not hasattr(weight, "shape") or not hasattr(weight, "dtype"):
@@ -169,7 +184,7 @@ def _fit_of(weight: Any) -> tuple[tuple[int, ...], Any]:
     return tuple(weight.shape), weight.dtype
 
 
-def _check_structure(params: PyTree, adapter: Adapter) -> bool:
+def _check_structure(leaves: _Leaves, adapter: Adapter) -> bool:
     """The host-side checks of :func:`validate` (paths, shapes, dtypes, k); no device work.
 
     Returns whether the adapter has sparse deltas and every one's indices were already checked by
@@ -180,7 +195,7 @@ def _check_structure(params: PyTree, adapter: Adapter) -> bool:
         return False  # validate() names the overlapping paths
     checked = any(isinstance(d, SparseDelta) for d in adapter.deltas.values())
     for path, d in adapter.deltas.items():
-        weight = _weight(params, path, "delta")
+        weight = _weight(leaves, path, "delta")
         if isinstance(d, SparseDelta):
             if _FITTED.holds(d, _fit_of(weight)):
                 continue
@@ -194,15 +209,15 @@ def _check_structure(params: PyTree, adapter: Adapter) -> bool:
         else:
             raise AdapterError(f"adapter delta {path!r}: unknown delta type {type(d).__name__}")
     for path, leaf in adapter.dense.items():
-        _check_dense(path, leaf, _weight(params, path, "dense leaf"))
+        _check_dense(path, leaf, _weight(leaves, path, "dense leaf"))
     return checked
 
 
-def _ensure_valid(params: PyTree, adapter: Adapter) -> None:
+def _ensure_valid(leaves: _Leaves, adapter: Adapter) -> None:
     # Full validation once per index array (at load, or the first merge of a hand-built adapter);
     # afterwards only the structural checks, which cost microseconds per path.
-    if not _check_structure(params, adapter):
-        validate(params, adapter)
+    if not _check_structure(leaves, adapter):
+        validate(leaves.params, adapter)
 
 
 def _check_dense(path: str, leaf: Any, weight: Any) -> None:
@@ -245,8 +260,9 @@ def validate(params: PyTree, adapter: Adapter) -> None:
     indices: dict[str, jax.Array] = {}
     floats: dict[str, jax.Array] = {}
     numel: dict[str, int] = {}
+    leaves = _Leaves(params)
     for path, d in adapter.deltas.items():
-        weight = _weight(params, path, "delta")
+        weight = _weight(leaves, path, "delta")
         if isinstance(d, SparseDelta):
             _check_sparse(path, d, weight)
             if d.indices.shape[0]:
@@ -259,7 +275,7 @@ def validate(params: PyTree, adapter: Adapter) -> None:
         else:
             raise AdapterError(f"adapter delta {path!r}: unknown delta type {type(d).__name__}")
     for path, leaf in adapter.dense.items():
-        weight = _weight(params, path, "dense leaf")
+        weight = _weight(leaves, path, "dense leaf")
         _check_dense(path, leaf, weight)
         if jnp.issubdtype(leaf.dtype, jnp.floating):
             floats[f"{path} dense"] = leaf
@@ -285,7 +301,7 @@ def validate(params: PyTree, adapter: Adapter) -> None:
             _CHECKED_INDICES.remember(d.indices, tuple(d.shape), (d.indices,))
 
 
-def _check_saved(params: PyTree, adapter: Adapter, saved: Saved) -> None:
+def _check_saved(leaves: _Leaves, adapter: Adapter, saved: Saved) -> None:
     if not isinstance(saved, Mapping) or set(saved) != {"deltas", "dense"}:
         raise AdapterError("`saved` must be the second value merge() returned: {'deltas': ..., 'dense': ...}")
     for group, paths in (("deltas", adapter.deltas), ("dense", adapter.dense)):
@@ -295,7 +311,7 @@ def _check_saved(params: PyTree, adapter: Adapter, saved: Saved) -> None:
                 f"{sorted(paths)[:5]}: was it saved by merging this adapter?"
             )
     for path, d in adapter.deltas.items():
-        weight = tree_lib.get_leaf(params, path)
+        weight = leaves(path)
         old = saved["deltas"][path]
         want = (d.indices.shape[0],) if isinstance(d, SparseDelta) else tuple(weight.shape)
         if tuple(old.shape) != want or old.dtype != weight.dtype:
@@ -425,7 +441,7 @@ _apply_low_rank = jax.jit(lambda weight, delta: delta.apply(weight))
 
 
 def _transition(
-    params: PyTree,
+    leaves: _Leaves,
     undo_adapter: Adapter | None,
     saved: Saved | None,
     do_adapter: Adapter | None,
@@ -434,7 +450,7 @@ def _transition(
     current: dict[str, Any] = {}  # path -> its value after this call
 
     def now(path: str) -> Any:
-        return current[path] if path in current else tree_lib.get_leaf(params, path)
+        return current[path] if path in current else leaves(path)
 
     undo: dict[str, tuple[jax.Array, jax.Array]] = {}
     if undo_adapter is not None:
@@ -467,7 +483,7 @@ def _transition(
         for path, leaf in do_adapter.dense.items():
             saved_to["dense"][path] = now(path)
             current[path] = leaf
-    return tree_lib.replace_leaves(params, current), saved_to
+    return tree_lib.replace_leaves(leaves.params, current), saved_to
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,8 +507,9 @@ def merge(params: PyTree, adapter: Adapter, *, donate: bool = False) -> tuple[Py
         >>> merge(p, a)[0]["w"]["kernel"].tolist()
         [[1.5, 0.0], [0.0, 0.0]]
     """
-    _ensure_valid(params, adapter)
-    return _transition(params, None, None, adapter, donate)
+    leaves = _Leaves(params)
+    _ensure_valid(leaves, adapter)
+    return _transition(leaves, None, None, adapter, donate)
 
 
 def merge_inplace(params: PyTree, adapter: Adapter) -> tuple[PyTree, Saved]:
@@ -527,9 +544,10 @@ def unmerge(merged_params: PyTree, adapter: Adapter, saved: Saved, *, donate: bo
         >>> bool(jnp.array_equal(unmerge(merged, a, saved)["w"]["kernel"], p["w"]["kernel"]))
         True
     """
-    _ensure_valid(merged_params, adapter)
-    _check_saved(merged_params, adapter, saved)
-    params, _ = _transition(merged_params, adapter, saved, None, donate)
+    leaves = _Leaves(merged_params)
+    _ensure_valid(leaves, adapter)
+    _check_saved(leaves, adapter, saved)
+    params, _ = _transition(leaves, adapter, saved, None, donate)
     return params
 
 
@@ -551,10 +569,11 @@ def switch(
         >>> switch(merged, a, saved, b)[0]["w"]["kernel"].tolist()
         [[0.0, 0.0, 5.0]]
     """
-    _ensure_valid(params, from_adapter)
-    _check_saved(params, from_adapter, saved)
-    _ensure_valid(params, to_adapter)
-    return _transition(params, from_adapter, saved, to_adapter, donate)
+    leaves = _Leaves(params)
+    _ensure_valid(leaves, from_adapter)
+    _check_saved(leaves, from_adapter, saved)
+    _ensure_valid(leaves, to_adapter)
+    return _transition(leaves, from_adapter, saved, to_adapter, donate)
 
 
 def fuse(adapters: Sequence[Adapter], weights: Sequence[float] | None = None) -> Adapter:
