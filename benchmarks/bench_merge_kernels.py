@@ -148,7 +148,7 @@ def per_weight_contenders(rank: int, seed: int = 1) -> tuple[dict, dict]:
     def program(do: dict):
         def call() -> None:
             weights = {p: get_leaf(state["params"], p) for p in do}
-            new, _ = merge._scatter_donate(weights, {}, do)
+            new, _ = merge._scatter_donate(weights, {}, do, {})
             state["params"] = replace_leaves(state["params"], new)
             jax.block_until_ready(new)
 

@@ -23,6 +23,11 @@ optimizer state bytes are recorded too (see bench_memory.py for peak RSS).
     python benchmarks/bench_train_step.py                               # 16x64 and 16x128, all contenders
     python benchmarks/bench_train_step.py --seq-lens 64 --steps 5 --methods jax-shira peft-shira
 
+``--random-init`` builds MiniLM-L6's architecture from its config with random weights and times a
+random-token batch (the same in both frameworks): what a machine without the asset packages (the
+lent GPU machine, benchmarks/device_check.sh) can run. ``--torch-device cuda`` puts the PyTorch
+contenders on the GPU; JAX uses its default backend.
+
 Writes benchmarks/results/train_step.json and benchmarks/plots/train_step.png.
 """
 
@@ -53,6 +58,44 @@ R = 8
 LR = 1e-4
 WEIGHT_DECAY = 0.01
 PEFT_TARGETS = ["query", "key", "value", "dense"]
+# all-MiniLM-L6-v2's config.json (the asset's), for --random-init; dropout off as in every contender.
+MINILM_CONFIG = dict(
+    vocab_size=30522,
+    hidden_size=384,
+    num_hidden_layers=6,
+    num_attention_heads=12,
+    intermediate_size=1536,
+    hidden_act="gelu",
+    max_position_embeddings=512,
+    type_vocab_size=2,
+    layer_norm_eps=1e-12,
+    pad_token_id=0,
+    num_labels=2,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    classifier_dropout=0.0,
+)
+
+
+def minilm_config() -> Any:
+    import transformers
+
+    return transformers.BertConfig(**MINILM_CONFIG)
+
+
+def random_batch(batch_size: int, seq_len: int, seed: int = 0) -> dict[str, Any]:
+    """Random token ids (a quarter of each row padded), labels 0/1: int32 NumPy, for ``--random-init``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1000, MINILM_CONFIG["vocab_size"], (batch_size, seq_len), dtype=np.int32)
+    mask = np.ones((batch_size, seq_len), np.int32)
+    mask[:, seq_len - seq_len // 4 :] = 0
+    return {
+        "input_ids": ids * mask,
+        "attention_mask": mask,
+        "labels": rng.integers(0, 2, batch_size, dtype=np.int32),
+    }
 
 
 class Contender:
@@ -80,6 +123,7 @@ def build_jax(
     remat: bool | str = "dots",
     donate: bool = True,
     extra_compiler_options: dict[str, str] | None = None,
+    random_init: bool = False,
 ) -> Contender:
     """A jaxsparse contender on MiniLM seq_cls: adapter, AdamW state and jitted donated train step.
 
@@ -99,7 +143,10 @@ def build_jax(
     from jaxsparse.train import init_train_state, make_train_step, step_compiler_options
     from jaxsparse.tree import leaf_paths
 
-    model = models.from_pretrained(common.minilm_dir(), task="seq_cls", num_labels=2)
+    if random_init:
+        model = models.init_params(minilm_config(), task="seq_cls", seed=0)
+    else:
+        model = models.from_pretrained(common.minilm_dir(), task="seq_cls", num_labels=2)
     params = model.params
     head = ["classifier"]
     key = jax.random.key(0)
@@ -186,18 +233,24 @@ def build_jax(
     return Contender(step, n_trainable, opt_bytes, parts)
 
 
-def build_torch(method: str, batch: dict[str, Any]) -> Contender:
+def build_torch(
+    method: str, batch: dict[str, Any], *, random_init: bool = False, device: str = "cpu"
+) -> Contender:
     """A PyTorch contender on MiniLM ``BertForSequenceClassification`` (dropout off), eager AdamW."""
     import torch
     import transformers
 
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        str(common.minilm_dir()),
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        classifier_dropout=0.0,
-    )
+    if random_init:
+        torch.manual_seed(0)
+        model = transformers.AutoModelForSequenceClassification.from_config(minilm_config())
+    else:
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            str(common.minilm_dir()),
+            num_labels=2,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            classifier_dropout=0.0,
+        )
     if method == "peft-shira":
         import peft
 
@@ -210,10 +263,10 @@ def build_torch(method: str, batch: dict[str, Any]) -> Contender:
         model = peft.get_peft_model(model, cfg)
     elif method != "torch-full":
         raise ValueError(f"unknown torch method {method!r}; choose from {TORCH_METHODS}")
-    model.train()
+    model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
-    tb = {k: torch.as_tensor(v, dtype=torch.long) for k, v in batch.items()}
+    tb = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in batch.items()}
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
@@ -234,11 +287,15 @@ def build_torch(method: str, batch: dict[str, Any]) -> Contender:
     return Contender(step, sum(p.numel() for p in params), opt_bytes, parts)
 
 
-def build(method: str, batch: dict[str, Any]) -> Contender:
-    return build_jax(method, batch) if method in JAX_METHODS else build_torch(method, batch)
+def build(
+    method: str, batch: dict[str, Any], *, random_init: bool = False, torch_device: str = "cpu"
+) -> Contender:
+    if method in JAX_METHODS:
+        return build_jax(method, batch, random_init=random_init)
+    return build_torch(method, batch, random_init=random_init, device=torch_device)
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path, where: str = "2 CPU cores") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -256,7 +313,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.scatter(x + (i - (len(results) - 1) / 2) * width, mins, color="k", s=8, zorder=3)
     ax.set_xticks(x, methods, fontsize=8, rotation=30, ha="right")
     ax.set_ylabel("s per train step (dots: min)")
-    ax.set_title("MiniLM seq-cls train step, AdamW, 2 CPU cores", fontsize=10)
+    ax.set_title(f"MiniLM seq-cls train step, AdamW, {where}", fontsize=10)
     ax.legend(fontsize=8)
     common.save_figure(fig, path)
 
@@ -271,6 +328,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per contender (interleaved rounds)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds after the first step")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    ap.add_argument(
+        "--random-init",
+        action="store_true",
+        help="MiniLM's architecture, random weights and tokens (no assets)",
+    )
+    ap.add_argument("--torch-device", default="cpu", help="where the PyTorch contenders run: cpu or cuda")
     ap.add_argument("--out", type=Path, default=common.RESULTS_DIR / "train_step.json")
     ap.add_argument("--plot", type=Path, default=common.PLOTS_DIR / "train_step.png")
     args = ap.parse_args(argv)
@@ -278,13 +341,27 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    record: dict[str, Any] = {"machine_before": common.machine(), "threads": args.threads, "results": []}
+    import jax
+
+    record: dict[str, Any] = {
+        "machine_before": common.machine(),
+        "threads": args.threads,
+        "jax_device": str(jax.devices()[0]),
+        "torch_device": args.torch_device,
+        "random_init": args.random_init,
+        "results": [],
+    }
     print(common.load_line(record["machine_before"]), file=sys.stderr)
     for seq_len in args.seq_lens:
-        batch = common.rotten_tomatoes_batch(args.batch_size, seq_len)
+        if args.random_init:
+            batch = random_batch(args.batch_size, seq_len)
+        else:
+            batch = common.rotten_tomatoes_batch(args.batch_size, seq_len)
         contenders, first_step_s, build_s = {}, {}, {}
         for m in args.methods:
-            contenders[m], build_s[m] = common.timed(lambda m=m, b=batch: build(m, b))
+            contenders[m], build_s[m] = common.timed(
+                lambda m=m, b=batch: build(m, b, random_init=args.random_init, torch_device=args.torch_device)
+            )
             _, first_step_s[m] = common.timed(contenders[m].step)  # JAX: trace + compile + one step
         steps = common.interleaved(
             {m: c.step for m, c in contenders.items()},
@@ -314,7 +391,12 @@ def main(argv: list[str] | None = None) -> None:
         del contenders
     record["machine_after"] = common.machine()
     common.write_json(args.out, record)
-    plot(record["results"], args.plot)
+    where = (
+        "2 CPU cores"
+        if args.torch_device == "cpu"
+        else f"JAX {record['jax_device']}, torch {args.torch_device}"
+    )
+    plot(record["results"], args.plot, where)
     print(f"wrote {args.out} and {args.plot}", file=sys.stderr)
 
 
