@@ -95,6 +95,9 @@ class DataConfig:
     label_column: str | None = "label"
     label_names: list[str] | None = None
     max_length: int = 64
+    # seq_cls: cut each batch's trailing all-padding columns to the shortest of a few lengths
+    # (data.length_buckets: 16, 24, 32, 48, ..., then max_length), as a dynamic-padding collator does.
+    trim_padding: bool = True
     eval_size: float = 0.1
     split_seed: int = 0
     max_train_examples: int | None = None

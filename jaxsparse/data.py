@@ -227,6 +227,51 @@ def tokenize_classification(ds: Dataset, tokenizer: Any, max_length: int) -> dic
     }
 
 
+def length_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
+    """The sequence lengths a classification batch is cut to: ``smallest`` times 1, 1.5, 2, 3, 4,
+    6, ... (each at most a third longer than the one before, so a cut batch carries at most a third
+    of padding), then ``max_length``. Each is one compilation of the step, and a run meets only
+    the few its batches need.
+
+    Example:
+        >>> length_buckets(128), length_buckets(100), length_buckets(8)
+        ((16, 24, 32, 48, 64, 96, 128), (16, 24, 32, 48, 64, 96, 100), (8,))
+    """
+    buckets, n = [], smallest
+    while n < max_length:
+        buckets.extend(b for b in (n, n * 3 // 2) if b < max_length)
+        n *= 2
+    return (*buckets, max_length)
+
+
+def trim_padding(batch: dict[str, np.ndarray], buckets: Sequence[int]) -> dict[str, np.ndarray]:
+    """``batch`` without the trailing columns that are padding in every row, cut to the shortest of
+    ``buckets`` that keeps every real token (what a dynamic-padding collator does, in a few fixed
+    shapes so a jitted step compiles once per bucket).
+
+    Every ``(n, T)`` array of the batch (ids, mask, token types) is cut alike; others are kept. The
+    model's outputs at real tokens do not change: positions count from the left, and no real token
+    attends to (or, for decoders, is followed by) the cut columns. A batch with no trailing padding
+    (full rows, or padding on the left) is returned as it is.
+
+    Example:
+        >>> b = {"input_ids": np.array([[5, 6, 0, 0], [7, 0, 0, 0]]), "attention_mask": np.array([[1, 1, 0, 0], [1, 0, 0, 0]]),
+        ...      "labels": np.array([0, 1])}
+        >>> {k: v.shape for k, v in trim_padding(b, (2, 4)).items()}
+        {'input_ids': (2, 2), 'attention_mask': (2, 2), 'labels': (2,)}
+    """
+    mask = batch.get("attention_mask")
+    if mask is None or mask.ndim != 2:
+        return batch
+    width = mask.shape[1]
+    real = np.flatnonzero(mask.any(axis=0))
+    needed = int(real[-1]) + 1 if real.size else 1
+    length = next((b for b in sorted(buckets) if b >= needed), width)
+    if length >= width:
+        return batch
+    return {k: v[:, :length] if v.ndim == 2 and v.shape == mask.shape else v for k, v in batch.items()}
+
+
 def tokenize_causal_lm(ds: Dataset, tokenizer: Any, block_size: int) -> dict[str, np.ndarray]:
     """Documents joined with the EOS token and cut into full blocks of ``block_size`` tokens."""
     eos = tokenizer.eos_token_id

@@ -48,7 +48,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -810,6 +810,14 @@ def make_eval_step(
     return eval_step
 
 
+def padding_buckets(cfg: Config) -> tuple[int, ...] | None:
+    """The lengths classification batches are cut to (``data.trim_padding``), or ``None``: other
+    tasks' blocks are full, and ``trim_padding: false`` keeps every batch at ``data.max_length``."""
+    if cfg.task != "seq_cls" or not cfg.data.trim_padding:
+        return None
+    return data_lib.length_buckets(cfg.data.max_length)
+
+
 def evaluate(
     eval_step: Callable,
     adapter: delta_lib.Adapter,
@@ -818,14 +826,18 @@ def evaluate(
     task: str,
     batch_size: int,
     num_labels: int = 0,
+    buckets: Sequence[int] | None = None,
 ) -> dict[str, float]:
     """Loss and accuracy/macro-F1 (``seq_cls``), perplexity (``causal_lm``) or masked-token
-    accuracy and perplexity (``masked_lm``, on the masking ``arrays`` carry) over ``arrays``."""
+    accuracy and perplexity (``masked_lm``, on the masking ``arrays`` carry) over ``arrays``.
+    ``buckets``: classification batches are cut to these lengths (:func:`jaxsparse.data.trim_padding`)."""
     n = data_lib.num_examples(arrays)
     batch_size = min(batch_size, n)
     if task == "seq_cls":
         total, preds = 0.0, []
         for batch in data_lib.eval_batches(arrays, batch_size):
+            if buckets:
+                batch = data_lib.trim_padding(batch, buckets)
             out = eval_step(adapter, base_params, batch)
             total += float(out["loss"])
             preds.append(np.asarray(out["predictions"])[batch["weight"] > 0])
@@ -884,6 +896,7 @@ def evaluate_adapter(cfg: Config, adapter_dir: str | os.PathLike) -> dict[str, A
         task=cfg.task,
         batch_size=cfg.train.eval_batch_size,
         num_labels=len(prepared.label_names),
+        buckets=padding_buckets(cfg),
     )
     metrics: dict[str, Any] = {"examples": data_lib.num_examples(prepared.eval), **run(adapter)}
     if cfg.task in ("causal_lm", "masked_lm"):
@@ -1484,6 +1497,7 @@ def make_steps(
         task=cfg.task,
         batch_size=t.eval_batch_size,
         num_labels=len(prepared.label_names),
+        buckets=padding_buckets(cfg),
     )
     return train_step, evaluate_fn
 
@@ -1522,6 +1536,7 @@ def run_steps(run: Run, on_step: Callable[[int, float], None] | None = None) -> 
     batches: Iterator[dict[str, np.ndarray]] = data_lib.train_batches(
         run.prepared.train, t.batch_size, seed=run.cfg.seed, start_step=run.start_step
     )
+    buckets = padding_buckets(run.cfg)
     bar = _progress(t, run.start_step)
     progress = run.progress
     running: list[float] = list(progress.window_losses)
@@ -1533,6 +1548,8 @@ def run_steps(run: Run, on_step: Callable[[int, float], None] | None = None) -> 
     with run.checkpointer as ckpt, _StopSignals() as stop:
         for step in steps:
             batch = next(batches)
+            if buckets:
+                batch = data_lib.trim_padding(batch, buckets)
             if run.prepared.masking is not None:
                 # masked_lm: the masking is a function of (seed, batch index) like the batch itself,
                 # so a resumed run masks every batch exactly as an uninterrupted one.

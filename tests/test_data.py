@@ -1,5 +1,6 @@
 """Data loading, splitting, tokenising and resumable batching."""
 
+import itertools
 import json
 
 import numpy as np
@@ -102,3 +103,96 @@ def test_causal_lm_chunking():
     assert out["input_ids"].tolist() == [[97, 98, 99], [0, 100, 101]]
     with pytest.raises(data.DataError, match="fewer than one block"):
         data.tokenize_causal_lm(ds, _ToyTokenizer(), 64)
+
+
+def test_length_buckets_grow_by_at_most_half_then_end_at_max_length():
+    assert data.length_buckets(64) == (16, 24, 32, 48, 64)
+    assert data.length_buckets(100) == (16, 24, 32, 48, 64, 96, 100)
+    assert data.length_buckets(16) == (16,)
+    assert data.length_buckets(20) == (16, 20)
+    assert data.length_buckets(12) == (12,)
+    assert data.length_buckets(128, smallest=8) == (8, 12, 16, 24, 32, 48, 64, 96, 128)
+    for n in (17, 64, 100, 512):  # each bucket at most 1.5x the one before
+        b = data.length_buckets(n)
+        assert list(b) == sorted(set(b)) and all(y <= 1.5 * x for x, y in itertools.pairwise(b))
+
+
+def _right_padded(lengths, width, pad=0):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 50, (len(lengths), width)).astype(np.int32)
+    mask = (np.arange(width)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
+    return {
+        "input_ids": np.where(mask == 1, ids, pad).astype(np.int32),
+        "attention_mask": mask,
+        "token_type_ids": np.zeros_like(mask),
+        "labels": np.arange(len(lengths), dtype=np.int32),
+        "weight": np.ones(len(lengths), np.float32),
+    }
+
+
+@pytest.mark.parametrize(
+    ("lengths", "want"),
+    [
+        ([3, 9, 5], 16),
+        ([17, 2], 24),
+        ([25, 3], 32),
+        ([33], 48),
+        ([49, 1], 64),
+        ([64, 1], 64),
+        ([0, 0], 16),
+        ([16], 16),
+    ],
+)
+def test_trim_padding_cuts_trailing_padding_to_the_shortest_bucket(lengths, want):
+    batch = _right_padded(lengths, 64)
+    out = data.trim_padding(batch, data.length_buckets(64))
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        assert out[key].shape == (len(lengths), want)
+        np.testing.assert_array_equal(out[key], batch[key][:, :want])
+    assert not batch["attention_mask"][:, want:].any()  # only padding was cut
+    assert out["labels"] is batch["labels"] and out["weight"] is batch["weight"]
+    assert int(out["attention_mask"].sum()) == sum(lengths)  # every real token kept
+
+
+def test_trim_padding_leaves_full_and_left_padded_batches_alone():
+    full = _right_padded([64, 64], 64)
+    assert data.trim_padding(full, (16, 32, 64)) is full
+    left = {k: v[:, ::-1].copy() if v.ndim == 2 else v for k, v in _right_padded([5, 7], 64).items()}
+    assert data.trim_padding(left, (16, 32, 64)) is left
+    no_mask = {"input_ids": np.ones((2, 8), np.int32)}
+    assert data.trim_padding(no_mask, (4, 8)) is no_mask
+    # real tokens beyond every bucket: nothing shorter holds them
+    assert data.trim_padding(_right_padded([40], 48), (16, 32))["input_ids"].shape == (1, 48)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama", "gpt2"])
+def test_trimmed_batches_give_the_models_the_same_logits(model_type):
+    # The claim trim_padding rests on: cutting all-padding columns on the right changes no output
+    # (absolute positions from the left, masked keys, last-real-token pooling), on our real zoo.
+    import transformers
+
+    from jaxsparse import models
+
+    tiny = dict(vocab_size=60, num_labels=3, pad_token_id=0)
+    config = {
+        "bert": transformers.BertConfig(
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, **tiny
+        ),
+        "llama": transformers.LlamaConfig(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=32,
+            head_dim=8,
+            **tiny,
+        ),
+        "gpt2": transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, **tiny),
+    }[model_type]
+    model = models.init_params(config, task="seq_cls", seed=1)
+    batch = _right_padded([5, 11, 2, 9], 32)
+    trimmed = data.trim_padding(batch, data.length_buckets(32, smallest=4))
+    assert trimmed["input_ids"].shape == (4, 12)
+    full = np.asarray(model(batch["input_ids"], batch["attention_mask"]))
+    cut = np.asarray(model(trimmed["input_ids"], trimmed["attention_mask"]))
+    np.testing.assert_allclose(cut, full, atol=1e-6, rtol=0)

@@ -350,3 +350,39 @@ def test_real_default_runs_a_few_steps(tmp_path):
     with torch.no_grad():
         expected = torch.softmax(peft_model(**tokens).logits, -1).numpy()
     np.testing.assert_allclose(np.asarray(clf.classify(sentences)), expected, rtol=0, atol=1e-5)
+
+
+def test_classification_batches_are_trimmed_to_a_bucket_with_the_same_losses(
+    tmp_path, monkeypatch, no_adapter_save
+):
+    # data.trim_padding (default on) cuts each batch's trailing padding to a bucket length: the
+    # train and eval steps see 16 of the 32 columns, and the run's losses and metrics are those of
+    # the padded run up to float rounding.
+    widths = []
+    real = trainer.data_lib.trim_padding
+
+    def recording(batch, buckets):
+        out = real(batch, buckets)
+        widths.append(out["input_ids"].shape[1])
+        return out
+
+    monkeypatch.setattr(trainer.data_lib, "trim_padding", recording)
+    runs = {}
+    for trim in ("true", "false"):
+        (tmp_path / trim).mkdir()
+        cfg = tiny_config(
+            tmp_path / trim, "full", "data.max_length=32", f"data.trim_padding={trim}", "train.steps=6"
+        )
+        runs[trim] = trainer.train(cfg, model=tiny_classifier(), log=_quiet)
+    assert widths and set(widths) == {16}  # 5 words + [CLS]/[SEP] fit in the 16 bucket
+    on, off = (read_jsonl(runs[t].metrics_path) for t in ("true", "false"))
+    assert [r["step"] for r in on] == [r["step"] for r in off]
+    for a, b in zip(on, off, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    assert runs["true"].final["accuracy"] == runs["false"].final["accuracy"]
+    assert (
+        trainer.padding_buckets(
+            config_lib.load_config(None, ["task=causal_lm", "data.source=bbc_text"], check_paths=False)
+        )
+        is None
+    )
