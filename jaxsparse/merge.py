@@ -142,6 +142,12 @@ def _check_low_rank(path: str, d: LowRankDelta, weight: Any) -> None:
         )
 
 
+def _immutable(arrays: Sequence[Any]) -> bool:
+    # Only concrete jax Arrays cannot change after a check: NumPy arrays can be written in place,
+    # tracers are transient. What the caches below remember must be all of the former.
+    return all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) for x in arrays)
+
+
 class _Checked:
     """Objects that passed a check for a given fingerprint (a weight's shape, its dtype), by identity.
 
@@ -155,7 +161,7 @@ class _Checked:
         self._entries: dict[int, tuple[weakref.ref, Any]] = {}
 
     def remember(self, obj: Any, fingerprint: Any, arrays: tuple[Any, ...]) -> None:
-        if not all(isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) for x in arrays):
+        if not _immutable(arrays):
             return
         key = id(obj)
         ref = weakref.ref(obj, lambda _, key=key: self._entries.pop(key, None))
@@ -423,10 +429,7 @@ def _shared_indices(pairs: dict[str, tuple[Any, Any]]) -> set[str]:
                 unknown[path] = (a, b)
             elif known:
                 same.add(path)
-    remember = all(
-        isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) for ab in unknown.values() for x in ab
-    )
-    if unknown and remember:
+    if unknown and _immutable([x for ab in unknown.values() for x in ab]):
         for path, equal in jax.device_get(_indices_equal(unknown)).items():
             a, b = unknown[path]
             _EQUAL_PAIRS.remember(a, b, bool(equal))

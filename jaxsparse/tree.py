@@ -66,11 +66,9 @@ def get_leaf(tree: PyTree, path: str) -> Any:
         # Plain dicts (every Flax params tree) take the direct lookup: merge and switch walk a few
         # hundred paths per call, where the generic walk below was most of the host time.
         if type(node) is dict:
-            if part in node:
-                node = node[part]
-                continue
-            if part.isdigit() and int(part) in node:  # layer lists stored as {0: ..., 1: ...}
-                node = node[int(part)]
+            key = _dict_key(node, part)
+            if key in node:
+                node = node[key]
                 continue
         try:
             if isinstance(node, Mapping):
