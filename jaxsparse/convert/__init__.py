@@ -36,6 +36,11 @@ class AdapterFormatError(ValueError):
 # common cause is loading an adapter into another checkpoint than the one it was trained on.
 DIFFERENT_BASE_HINT = "(adapter made for a different base model?)"
 
+# The PEFT release whose files we write byte for byte (its ``peft_version`` field and its key set);
+# the test extra pins it, so CI compares against the files that release writes. Files from older
+# or newer releases are read as long as their extra keys hold the "feature off" value.
+PEFT_VERSION = "0.22.0"
+
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """``(tensors, metadata)`` of a ``.safetensors`` file; missing/truncated/corrupt files name the path."""

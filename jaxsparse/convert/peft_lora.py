@@ -1,4 +1,4 @@
-"""Read and write PEFT 0.21 LoRA adapters (``peft_type: "LORA"``) exactly as PEFT does.
+"""Read and write PEFT 0.22 LoRA adapters (``peft_type: "LORA"``) exactly as PEFT does.
 
 On disk (``save_pretrained`` of a ``PeftModel``):
 
@@ -44,6 +44,7 @@ from jaxsparse.convert import (
     DIFFERENT_BASE_HINT,
     NAME_LIST,
     NAMES,
+    PEFT_VERSION,
     AdapterFormatError,
     check_dense,
     check_field_types,
@@ -61,7 +62,6 @@ PyTree = Any
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
-PEFT_VERSION = "0.21.2"
 
 __all__ = [
     "AdapterFormatError",
@@ -72,7 +72,7 @@ __all__ = [
 ]
 
 
-# PEFT 0.21.2 LoraConfig fields we implement (name -> our LoraConfig field).
+# PEFT 0.22 LoraConfig fields we implement (name -> our LoraConfig field).
 _SUPPORTED = (
     "r",
     "lora_alpha",
@@ -137,13 +137,15 @@ _OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "trainable_token_indices": (None, {}, []),
     "use_bdlora": (None, False),
     "arrow_config": (None,),
+    "astra_config": (None,),
     "kasa_config": (None,),
     "ensure_weight_tying": (False,),
 }
-# Everything PEFT 0.21.2 writes besides our fields, with the value it writes when the feature is off.
+# Everything PEFT 0.22 writes besides our fields, with the value it writes when the feature is off.
 _WRITTEN_DEFAULTS: dict[str, Any] = {
     "alora_invocation_tokens": None,
     "arrow_config": None,
+    "astra_config": None,
     "corda_config": None,
     "ensure_weight_tying": False,
     "eva_config": None,
@@ -171,7 +173,7 @@ _WRITTEN_DEFAULTS: dict[str, Any] = {
 }
 # init_lora_weights values that rewrite the *base* weights (PiSSA, OLoRA, ...): the adapter alone
 # does not reproduce the model, so importing it would silently give wrong outputs.
-_BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga", "orthogonal")
+_BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga", "orthogonal", "astra")
 
 
 # --------------------------------------------------------------------------- config
@@ -243,7 +245,7 @@ def lora_config_from_peft(raw: Mapping[str, Any], *, source: str = CONFIG_NAME) 
 
 
 def lora_config_to_peft(config: LoraConfig, *, base_model_class: str | None = None) -> dict[str, Any]:
-    """PEFT 0.21.2's ``adapter_config.json`` dict for ``config`` (keys sorted like PEFT writes them)."""
+    """PEFT 0.22's ``adapter_config.json`` dict for ``config`` (keys sorted like PEFT writes them)."""
     out: dict[str, Any] = dict(_WRITTEN_DEFAULTS)
     out.update(
         r=config.r,

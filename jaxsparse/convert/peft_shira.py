@@ -1,6 +1,6 @@
-"""Read and write PEFT 0.21 SHiRA adapters (``peft_type: "SHIRA"``) exactly as PEFT does.
+"""Read and write PEFT 0.22 SHiRA adapters (``peft_type: "SHIRA"``) exactly as PEFT does.
 
-On disk (what ``PeftModel.save_pretrained`` writes, checked against peft 0.21.2):
+On disk (what ``PeftModel.save_pretrained`` writes, checked against peft 0.22.0):
 
 - ``adapter_config.json``: ``auto_mapping``, ``base_model_name_or_path``, ``fan_in_fan_out``,
   ``inference_mode``, ``init_weights``, ``mask_type``, ``modules_to_save``, ``peft_type``,
@@ -46,6 +46,7 @@ from jaxsparse.convert import (
     DIFFERENT_BASE_HINT,
     NAME_LIST,
     NAMES,
+    PEFT_VERSION,
     AdapterFormatError,
     check_dense,
     check_field_types,
@@ -68,7 +69,6 @@ PyTree = Any
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-PEFT_VERSION = "0.21.2"
 INDICES, WEIGHT = ".shira_indices", ".shira_weight"
 
 

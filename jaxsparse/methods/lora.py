@@ -1,6 +1,6 @@
 """LoRA: a rank-r update ``B @ A * scaling`` per targeted linear weight (Hu et al., 2021).
 
-The config mirrors PEFT 0.21's ``LoraConfig`` field for field (names and defaults) for what we
+The config mirrors PEFT 0.22's ``LoraConfig`` field for field (names and defaults) for what we
 support; :func:`init` builds an :class:`~jaxsparse.delta.Adapter` of
 :class:`~jaxsparse.delta.LowRankDelta` leaves (``a`` = PEFT's ``lora_A.weight.T`` (in, r), ``b`` =
 ``lora_B.weight.T`` (r, out)) plus dense ``modules_to_save`` / trained biases.

@@ -1,4 +1,4 @@
-"""Parity with PyTorch PEFT 0.21, both directions, on tiny Llama, BERT-classifier and GPT-2 models.
+"""Parity with PyTorch PEFT 0.22, both directions, on tiny Llama, BERT-classifier and GPT-2 models.
 
 PEFT -> jaxsparse: PEFT adapters with non-zero weights, saved by PEFT, loaded by us: logits and merged
 weights match PEFT's forward and ``merge_and_unload()`` at fp32 atol 1e-5.

@@ -91,7 +91,7 @@ def test_config_maps_field_for_field():
         "all",
         ("a",),
     )
-    # the same keys PEFT writes
+    # the same keys the pinned PEFT release writes (the test extra pins it: jaxsparse.convert.PEFT_VERSION)
     assert set(raw) == set(peft.LoraConfig().to_dict()) - {"runtime_config"}
 
 
@@ -103,6 +103,8 @@ def test_config_maps_field_for_field():
         ("lora_bias", True),
         ("megatron_config", {"x": 1}),
         ("init_lora_weights", "pissa"),
+        ("init_lora_weights", "astra"),
+        ("astra_config", {"rank": 4}),
         ("layer_replication", [[0, 1]]),
         ("brand_new_feature", 7),
     ],
@@ -110,6 +112,15 @@ def test_config_maps_field_for_field():
 def test_unsupported_features_are_refused_by_name(key, value):
     with pytest.raises(AdapterFormatError, match=key):
         lora_config_from_peft({"peft_type": "LORA", "target_modules": ["q_proj"], key: value})
+
+
+def test_files_of_the_previous_peft_release_read_the_same():
+    """PEFT 0.21.2 wrote no ``astra_config`` and its own ``peft_version``: such files still load."""
+    cfg = lora.LoraConfig(r=2, lora_alpha=3, target_modules=["a"], alpha_pattern={"a": 5})
+    raw = lora_config_to_peft(cfg)
+    assert raw["astra_config"] is None and raw["peft_version"] == peft.__version__
+    older = {k: v for k, v in raw.items() if k != "astra_config"} | {"peft_version": "0.21.2"}
+    assert lora_config_from_peft(older) == lora_config_from_peft(raw) == cfg
 
 
 def test_inference_only_fields_are_accepted():
