@@ -15,7 +15,10 @@ and donated, interleaved round by round:
   overlap correction left out, so this is the best a single-scatter switch could do);
 - per-weight programs on SmolLM2's 210 weight shapes: the fixed cost of the merge program with 16
   entries per weight, and with SHiRA r's entries (``jaxsparse.merge._scatter_donate`` itself), plus
-  the host time of a full ``merge.merge`` call (structure checks, dispatch, tree rebuild).
+  the host time of a full ``merge.merge`` call (structure checks, dispatch, tree rebuild); the
+  fixed cost taken apart: the 210 donated buffers passed through a program that does nothing, the
+  16-entry merges with their index/value arrays packed into two arguments, and the same entries
+  merged into one buffer.
 
     python benchmarks/bench_merge_kernels.py                 # k = 2,442,240 (SHiRA r=8), 11 rounds
     python benchmarks/bench_merge_kernels.py --rank 2 --repeats 21
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -165,7 +169,53 @@ def per_weight_contenders(rank: int, seed: int = 1) -> tuple[dict, dict]:
         state["params"] = merge.unmerge(merged, adapter, saved, donate=True)
         jax.block_until_ready(state["params"])
 
+    # The fixed cost of a 210-weight program, taken apart: passing the donated buffers through with
+    # no work; the same 16-entry merges with the 420 index/value arrays packed into two (212
+    # arguments instead of 630); the same 3,360 entries merged into one buffer of the same size.
+    paths = list(tiny)
+    offsets = np.cumsum([0] + [len(tiny[p][0]) for p in paths])
+    packed_idx = jnp.concatenate([tiny[p][0] for p in paths])
+    packed_val = jnp.concatenate([tiny[p][1] for p in paths])
+
+    @partial(jax.jit, donate_argnums=0)
+    def pass_through(weights):
+        return {p: w + 0 for p, w in weights.items()}  # aliased in place: no copy, no scatter
+
+    @partial(jax.jit, donate_argnums=0)
+    def packed_merge(weights, idx, values):
+        pieces = {
+            p: (idx[offsets[j] : offsets[j + 1]], values[offsets[j] : offsets[j + 1]])
+            for j, p in enumerate(paths)
+        }
+        return merge._scatter(weights, {}, pieces, {})
+
+    sizes = [int(np.prod(get_leaf(params, p).shape)) for p in paths]
+    starts = np.cumsum([0, *sizes[:-1]])
+    one_idx = jnp.asarray(
+        np.concatenate([np.asarray(tiny[p][0]) + s for p, s in zip(paths, starts, strict=True)])
+    )
+    one = {"buf": jnp.zeros(sum(sizes), jnp.float32)}
+
+    def on_host_weights(fn, *extra):
+        def call() -> None:
+            weights = {p: get_leaf(state["params"], p) for p in paths}
+            new = fn(weights, *extra)
+            new = new[0] if isinstance(new, tuple) else new
+            state["params"] = replace_leaves(state["params"], new)
+            jax.block_until_ready(new)
+
+        return call
+
+    def one_buffer() -> None:
+        new, _ = merge._scatter_donate({"buf": one["buf"]}, {}, {"buf": (one_idx, packed_val)}, {})
+        one["buf"] = jax.block_until_ready(new["buf"])
+
     fns = {
+        "210 donated weights passed through (no scatter)": on_host_weights(pass_through),
+        "per-weight program, 16 entries each, packed arguments": on_host_weights(
+            packed_merge, packed_idx, packed_val
+        ),
+        "one buffer, the same 3,360 entries": one_buffer,
         "per-weight program, 16 entries each": program(tiny),
         "per-weight program, SHiRA r entries": program({p: (d.indices, d.values) for p, d in deltas.items()}),
         "merge.merge + merge.unmerge (full calls)": full_merge,
