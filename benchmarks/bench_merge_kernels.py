@@ -149,14 +149,18 @@ def per_weight_contenders(rank: int, seed: int = 1) -> tuple[dict, dict]:
     state = {"params": params}
     from jaxsparse.tree import get_leaf, replace_leaves
 
-    def program(do: dict):
+    def on_host_weights(paths, fn):
+        """A call that looks ``paths`` up, runs ``fn`` on those weights and puts its result back."""
+
         def call() -> None:
-            weights = {p: get_leaf(state["params"], p) for p in do}
-            new, _ = merge._scatter_donate(weights, {}, do, {})
+            new = fn({p: get_leaf(state["params"], p) for p in paths})
             state["params"] = replace_leaves(state["params"], new)
             jax.block_until_ready(new)
 
         return call
+
+    def program(do: dict):
+        return on_host_weights(do, lambda weights: merge._scatter_donate(weights, {}, do, {})[0])
 
     host = []
 
@@ -187,7 +191,7 @@ def per_weight_contenders(rank: int, seed: int = 1) -> tuple[dict, dict]:
             p: (idx[offsets[j] : offsets[j + 1]], values[offsets[j] : offsets[j + 1]])
             for j, p in enumerate(paths)
         }
-        return merge._scatter(weights, {}, pieces, {})
+        return merge._scatter(weights, {}, pieces, {})[0]
 
     sizes = [int(np.prod(get_leaf(params, p).shape)) for p in paths]
     starts = np.cumsum([0, *sizes[:-1]])
@@ -196,24 +200,14 @@ def per_weight_contenders(rank: int, seed: int = 1) -> tuple[dict, dict]:
     )
     one = {"buf": jnp.zeros(sum(sizes), jnp.float32)}
 
-    def on_host_weights(fn, *extra):
-        def call() -> None:
-            weights = {p: get_leaf(state["params"], p) for p in paths}
-            new = fn(weights, *extra)
-            new = new[0] if isinstance(new, tuple) else new
-            state["params"] = replace_leaves(state["params"], new)
-            jax.block_until_ready(new)
-
-        return call
-
     def one_buffer() -> None:
         new, _ = merge._scatter_donate({"buf": one["buf"]}, {}, {"buf": (one_idx, packed_val)}, {})
         one["buf"] = jax.block_until_ready(new["buf"])
 
     fns = {
-        "210 donated weights passed through (no scatter)": on_host_weights(pass_through),
+        "210 donated weights passed through (no scatter)": on_host_weights(paths, pass_through),
         "per-weight program, 16 entries each, packed arguments": on_host_weights(
-            packed_merge, packed_idx, packed_val
+            paths, lambda weights: packed_merge(weights, packed_idx, packed_val)
         ),
         "one buffer, the same 3,360 entries": one_buffer,
         "per-weight program, 16 entries each": program(tiny),
