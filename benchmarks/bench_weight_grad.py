@@ -10,8 +10,9 @@ computing ``(x^T dy).flat[indices]`` are jitted and timed interleaved on the sam
   chunks of C tokens (a scan), so each chunk's rows of ``x^T`` and ``dy^T`` stay in cache while the
   k entries gather from them (section 2f of BENCHMARKS.md: slower on the CPU, kept as a probe).
 
-The density where the two cross is what ``SAMPLED_MAX_DENSITY`` in ``jaxsparse/factored.py`` (and
-``train.sampled_grad_max_density``) is set from; it depends on the accelerator, so rerun this there.
+The density where the two cross is what ``SAMPLED_MAX_DENSITY`` in ``jaxsparse/factored.py`` (CPU) and
+``ACCELERATOR_SAMPLED_MAX_DENSITY`` (GPU/TPU, 0 until measured) are set from, the thresholds behind
+``train.sampled_grad_max_density: auto``; it depends on the device, so rerun this there.
 
     python benchmarks/bench_weight_grad.py                                   # T = 2048 (16 x 128 tokens)
     python benchmarks/bench_weight_grad.py --tokens 4096 --densities 0.001 0.01

@@ -5,7 +5,8 @@
 # optax, torch, peft and transformers, so this runs the benchmarks that need no asset, from the
 # working tree (PYTHONPATH), no install:
 #   1. bench_weight_grad.py: sampled product vs dense weight gradient by density -> the GPU value of
-#      `train.sampled_grad_max_density` (the crossover; 0.03 on the 2-core CPU, BENCHMARKS.md 2b);
+#      `train.sampled_grad_max_density` (the crossover; 0.03 on the 2-core CPU, BENCHMARKS.md 2b; on
+#      GPU/TPU `auto` is 0 until this measures it: factored.ACCELERATOR_SAMPLED_MAX_DENSITY, 2g);
 #   2. bench_merge_kernels.py at SHiRA r=8 and r=2: merge / switch formulations against the
 #      scatter-add floor on SmolLM2-135M's 210 weight shapes (BENCHMARKS.md 1d);
 #   3. bench_train_step.py --random-init: MiniLM-L6's architecture with random weights and tokens,

@@ -170,7 +170,9 @@ class TrainConfig:
     checkpoint_every: int = 60
     keep_checkpoints: int = 2
     progress: bool = True
-    sampled_grad_max_density: float = 0.03
+    # Sparse deltas at most this dense take the sampled-product weight gradient; "auto": the backend's
+    # threshold (jaxsparse.factored.default_sampled_max_density: 3% on CPU, 0 on GPU/TPU).
+    sampled_grad_max_density: float | str = "auto"
     dropout: bool = False
     # Past one device (jaxsparse.sharding): "data=2,fsdp=4" or {data: 2, fsdp: 4}; null: one device.
     mesh: str | dict[str, int] | None = None
@@ -521,9 +523,11 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     if t.loss_spike_factor is not None and t.loss_spike_factor <= 1.0:
         raise ConfigError(f"'train.loss_spike_factor' must be > 1 or null (off), got {t.loss_spike_factor}")
     _check_trainer_features(t)
-    if not 0.0 <= t.sampled_grad_max_density <= 1.0:
+    density = t.sampled_grad_max_density
+    if density != "auto" and not (isinstance(density, float) and 0.0 <= density <= 1.0):
         raise ConfigError(
-            f"'train.sampled_grad_max_density' must be in [0, 1], got {t.sampled_grad_max_density}"
+            "'train.sampled_grad_max_density' must be in [0, 1] or 'auto' (the backend's threshold), "
+            f"got {density!r}"
         )
     if a.density is not None and not 0.0 < a.density <= 1.0:
         raise ConfigError(f"'adapter.density' must be in (0, 1], got {a.density}")

@@ -72,7 +72,8 @@ def apply(
     With ``factored=True`` a delta on a 2-D ``kernel`` leaf is not added to the weight: the leaf
     becomes a :class:`jaxsparse.factored.AdaptedKernel` that the model zoo's linear layers apply
     beside the frozen weight (LoRA as ``x W + x a b s``; sparse deltas at density at most
-    ``sampled_max_density`` with the sampled-product gradient). Only for models whose every
+    ``sampled_max_density`` with the sampled-product gradient; ``None``: the backend's default,
+    :func:`jaxsparse.factored.default_sampled_max_density`). Only for models whose every
     ``kernel`` is read by :func:`jaxsparse.factored.matmul` (all of :mod:`jaxsparse.models`).
 
     Example:
@@ -86,8 +87,7 @@ def apply(
     for path, delta in adapter.deltas.items():
         weight = tree_lib.get_leaf(params, path)
         if factored and path.rsplit(".", 1)[-1] == "kernel" and weight.ndim == 2:
-            density = factored_lib.SAMPLED_MAX_DENSITY if sampled_max_density is None else sampled_max_density
-            new[path] = factored_lib.adapt(weight, delta, sampled_max_density=density)
+            new[path] = factored_lib.adapt(weight, delta, sampled_max_density=sampled_max_density)
         else:
             new[path] = delta.apply(weight)
     for path, leaf in adapter.dense.items():

@@ -17,6 +17,9 @@ the dense weight gradient ``x^T dy`` and keeps only what the delta needs of it. 
   ``x^T`` and ``dy^T`` instead of the whole ``x^T dy``. Gathers run far below matmul speed, so this
   only wins at low density (measured crossover on a 2-core CPU: 3-4%, see
   benchmarks/BENCHMARKS.md); denser deltas keep the dense gradient, which is exact either way.
+  Without a ``sampled_max_density`` the threshold is the backend's
+  (:func:`default_sampled_max_density`): 3% on CPU, where it was measured, and 0 (the dense
+  gradient) on GPU and TPU, whose matmul units outrun a gather by much more.
   The frozen weight's own gradient is formed only if the caller differentiates it;
 - anything else (a masked low-rank delta, SparsePEFT) is applied densely, as before.
 
@@ -45,8 +48,27 @@ from jaxtyping import Array, Float, Int
 
 from jaxsparse.delta_leaves import LowRankDelta, SparseDelta, pytree_dataclass, static
 
-# Density at or below which a sparse delta's gradient is the sampled product (see module docstring).
+# Density at or below which a sparse delta's gradient is the sampled product on CPU, where it was
+# measured (benchmarks/BENCHMARKS.md 2b, 2c, 2f: 0 and 5% are both slower in the step).
 SAMPLED_MAX_DENSITY = 0.03
+
+# The same on GPU/TPU until bench_weight_grad.py measures it there: the dense gradient. By the roofline
+# (BENCHMARKS.md 2g) the sampled product reads 8 bytes per entry and token against 2 matmul FLOPs per
+# weight entry and token, so it loses to tensor cores above ~0.2-1% density, and gathers run well
+# below peak bandwidth.
+ACCELERATOR_SAMPLED_MAX_DENSITY = 0.0
+
+
+def default_sampled_max_density(backend: str | None = None) -> float:
+    """The sampled-product threshold for ``backend`` (default: ``jax.default_backend()``).
+
+    Example:
+        >>> default_sampled_max_density("cpu"), default_sampled_max_density("gpu")
+        (0.03, 0.0)
+    """
+    backend = jax.default_backend() if backend is None else backend
+    return SAMPLED_MAX_DENSITY if backend == "cpu" else ACCELERATOR_SAMPLED_MAX_DENSITY
+
 
 # Elements of the (rows, tokens) block the sampled product gathers at a time: blocks this small stay
 # in cache and run 2-7x faster on a 2-core CPU than one pass over all k rows (which also bounds memory).
@@ -69,15 +91,21 @@ class AdaptedKernel:
         return self.delta.apply(self.base)
 
 
-def adapt(base: Array, delta: Any, *, sampled_max_density: float = SAMPLED_MAX_DENSITY) -> AdaptedKernel:
+def adapt(base: Array, delta: Any, *, sampled_max_density: float | None = None) -> AdaptedKernel:
     """Pair a kernel with its delta, choosing the sparse gradient path by density.
+
+    ``sampled_max_density=None`` takes :func:`default_sampled_max_density` of the default backend.
 
     Example:
         >>> from jaxsparse.delta import SparseDelta
         >>> d = SparseDelta(jnp.array([0], jnp.int32), jnp.array([1.0]), (100, 100))
-        >>> adapt(jnp.zeros((100, 100)), d).sampled_grad, adapt(jnp.zeros((100, 100)), d, sampled_max_density=0).sampled_grad
-        (True, False)
+        >>> adapt(jnp.zeros((100, 100)), d, sampled_max_density=0.03).sampled_grad
+        True
+        >>> adapt(jnp.zeros((100, 100)), d, sampled_max_density=0).sampled_grad
+        False
     """
+    if sampled_max_density is None:
+        sampled_max_density = default_sampled_max_density()
     sampled = isinstance(delta, SparseDelta) and delta.k <= sampled_max_density * int(np.prod(base.shape))
     return AdaptedKernel(base=base, delta=delta, sampled_grad=bool(sampled))
 

@@ -1019,7 +1019,9 @@ class _StopSignals:
 # Keys that may change between an interrupted run and its resumption without changing the result
 # (the mesh changes where arrays live, not what is computed: a run may resume on other devices;
 # remat recomputes the same activations in the backward pass instead of keeping them, so a run
-# may resume with gradient checkpointing turned on or off to fit another memory budget).
+# may resume with gradient checkpointing turned on or off to fit another memory budget; the
+# sampled-product threshold picks how a sparse delta's gradient is summed, not its value, and its
+# "auto" default differs by backend, so a run begun on CPU may resume on a GPU).
 RESUME_FREE_KEYS = frozenset(
     {
         "output",
@@ -1031,6 +1033,7 @@ RESUME_FREE_KEYS = frozenset(
         "train.mesh",
         "train.adapter_sharding",
         "train.remat",
+        "train.sampled_grad_max_density",
     }
 )
 
@@ -1478,7 +1481,7 @@ def make_steps(
         optimizer,
         takes_rng=uses_dropout(t),
         factored=True,
-        sampled_max_density=t.sampled_grad_max_density,
+        sampled_max_density=None if t.sampled_grad_max_density == "auto" else t.sampled_grad_max_density,
         jit=mesh is None,
     )
     if mesh is not None:

@@ -41,6 +41,10 @@ def test_overrides_coerce_types():
         ("train.optimizer=lion", "'train.optimizer' = 'lion' is not allowed"),
         ("adapter.density=1.5", "'adapter.density' must be in (0, 1]"),
         ("train.sampled_grad_max_density=-0.1", "'train.sampled_grad_max_density' must be in [0, 1]"),
+        (
+            "train.sampled_grad_max_density=fast",
+            "must be in [0, 1] or 'auto' (the backend's threshold), got 'fast'",
+        ),
         ("train.warmup_steps=500", "'train.warmup_steps' must be in [0, train.steps)"),
         ("data.source=bbc_text", "'data.source' = 'bbc_text' is not allowed for task 'seq_cls'"),
         ("model=x", "'model' is a section"),
@@ -51,6 +55,13 @@ def test_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override], check_paths=False)
     assert message in str(info.value)
+
+
+def test_sampled_grad_max_density_is_auto_by_default_and_takes_a_fraction():
+    assert load_config(None, [], check_paths=False).train.sampled_grad_max_density == "auto"
+    for text, want in (("0.01", 0.01), ("0", 0.0), ("1e-3", 0.001), ("auto", "auto")):
+        cfg = load_config(None, [f"train.sampled_grad_max_density={text}"], check_paths=False)
+        assert cfg.train.sampled_grad_max_density == want
 
 
 def test_paths_and_columns_are_checked(tmp_path):

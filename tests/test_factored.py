@@ -173,10 +173,25 @@ def test_gradient_forms_no_dense_weight_gradient_on_the_factored_path(kind, max_
 
 def test_adapt_picks_the_sampled_gradient_by_density():
     d = SparseDelta(jnp.arange(30, dtype=jnp.int32), jnp.ones(30), (10, 100))  # density 0.03
+    assert jax.default_backend() == "cpu"  # the tests' backend: its default threshold is 3%
     assert factored.SAMPLED_MAX_DENSITY == 0.03 and factored.adapt(jnp.zeros((10, 100)), d).sampled_grad
     assert not factored.adapt(jnp.zeros((10, 100)), d, sampled_max_density=0.029).sampled_grad
     lr = LowRankDelta(jnp.ones((10, 1)), jnp.ones((1, 100)))
     assert not factored.adapt(jnp.zeros((10, 100)), lr, sampled_max_density=1.0).sampled_grad
+
+
+def test_the_default_threshold_is_the_measured_one_on_cpu_and_the_dense_gradient_on_accelerators(monkeypatch):
+    assert factored.default_sampled_max_density("cpu") == 0.03
+    assert factored.default_sampled_max_density("gpu") == factored.default_sampled_max_density("tpu") == 0.0
+    d = SparseDelta(jnp.arange(3, dtype=jnp.int32), jnp.ones(3), (10, 100))  # density 0.003
+    assert factored.adapt(jnp.zeros((10, 100)), d).sampled_grad
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not factored.adapt(jnp.zeros((10, 100)), d).sampled_grad  # None: the backend's default
+    assert factored.adapt(jnp.zeros((10, 100)), d, sampled_max_density=0.01).sampled_grad  # given: kept
+    params = {"lin": {"kernel": jnp.zeros((10, 100))}}
+    assert not delta_lib.apply(params, delta_lib.Adapter({"lin.kernel": d}), factored=True)["lin"][
+        "kernel"
+    ].sampled_grad
 
 
 def test_apply_factored_wraps_only_2d_kernels():

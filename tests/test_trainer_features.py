@@ -323,6 +323,8 @@ def test_a_checkpoint_from_before_a_new_key_resumes_at_its_default():
     assert trainer._differing(saved, changed) == ["train.patience"]
     # remat recomputes the same activations: a run may resume with it switched either way
     assert trainer._differing(now, {**now, "train.remat": True}) == []
+    # so does the sampled-product threshold (the same gradient, summed another way), e.g. 0.03 -> "auto"
+    assert trainer._differing({**now, "train.sampled_grad_max_density": 0.03}, now) == []
 
 
 # ----------------------------------------------------------------------------- bfloat16
