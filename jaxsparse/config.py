@@ -524,7 +524,8 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         raise ConfigError(f"'train.loss_spike_factor' must be > 1 or null (off), got {t.loss_spike_factor}")
     _check_trainer_features(t)
     density = t.sampled_grad_max_density
-    if density != "auto" and not (isinstance(density, float) and 0.0 <= density <= 1.0):
+    is_number = isinstance(density, (int, float)) and not isinstance(density, bool)  # an int from the API too
+    if density != "auto" and not (is_number and 0.0 <= density <= 1.0):
         raise ConfigError(
             "'train.sampled_grad_max_density' must be in [0, 1] or 'auto' (the backend's threshold), "
             f"got {density!r}"

@@ -1,8 +1,10 @@
 """Config schema: overrides, type coercion and validation errors that name the key."""
 
+import dataclasses
+
 import pytest
 
-from jaxsparse.config import Config, ConfigError, load_config, parse_override, save_config
+from jaxsparse.config import Config, ConfigError, load_config, parse_override, save_config, validate
 
 
 def test_default_is_the_embedded_default():
@@ -62,6 +64,15 @@ def test_sampled_grad_max_density_is_auto_by_default_and_takes_a_fraction():
     for text, want in (("0.01", 0.01), ("0", 0.0), ("1e-3", 0.001), ("auto", "auto")):
         cfg = load_config(None, [f"train.sampled_grad_max_density={text}"], check_paths=False)
         assert cfg.train.sampled_grad_max_density == want
+    built = load_config(None, [], check_paths=False)  # a Config built in Python may hold an int
+    for value in (0, 1):
+        validate(
+            dataclasses.replace(built, train=dataclasses.replace(built.train, sampled_grad_max_density=value))
+        )
+    with pytest.raises(ConfigError, match="got True"):
+        validate(
+            dataclasses.replace(built, train=dataclasses.replace(built.train, sampled_grad_max_density=True))
+        )
 
 
 def test_paths_and_columns_are_checked(tmp_path):
